@@ -1,0 +1,113 @@
+"""The Celery app and its configuration (DESIGN.md section 8).
+
+Two ways to run, with the same tasks and the same messages:
+
+- **scale-out**: ``GRACEQ_BROKER_URL=redis://[:password@]host:port/db`` (``rediss://`` for TLS);
+  results go to the same Redis unless ``GRACEQ_RESULT_BACKEND`` names another.
+- **embedded** (no broker configured): kombu's ``filesystem://`` transport with its message folder
+  inside the campaign directory (``GRACEQ_EMBEDDED_DIR``), and worker processes started by
+  ``graceq run``. No server to start; messages are still serialised, routed and consumed by real
+  Celery workers.
+
+Choices that follow Celery's documentation and issue tracker: JSON only on the wire (pickle is a
+remote-code-execution risk); late acknowledgement with ``task_reject_on_worker_lost`` so that a
+killed worker's task is delivered again; prefetch 1 because reference jobs are long; a Redis
+visibility timeout (``GRACEQ_VISIBILITY_TIMEOUT``, s, default 12 h) above the longest task so that
+Redis does not re-deliver running jobs; results kept 7 days. The result backend is never the only
+copy of anything: workers write their results as files in the campaign directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from celery import Celery
+from kombu import Queue
+
+QUEUES = ("featurize", "fit", "dft")
+
+app = Celery("graceq", include=["graceq.tasks"])
+
+
+def redact(url: str | None) -> str:
+    """A broker URL fit for logs: the password replaced by ***."""
+    if not url:
+        return "embedded"
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(url)
+
+
+def configure(broker_url: str | None = None, embedded_dir: str | Path | None = None) -> str:
+    """Configure the app for Redis (broker_url) or the embedded folder broker; returns the mode."""
+    visibility_s = float(os.environ.get("GRACEQ_VISIBILITY_TIMEOUT", 12 * 3600))
+    conf = dict(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        result_expires=7 * 24 * 3600,
+        task_default_queue="dft",
+        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_routes={
+            "graceq.fit_projection": {"queue": "featurize"},
+            "graceq.featurize": {"queue": "featurize"},
+            "graceq.select_lambda": {"queue": "fit"},
+            "graceq.fit_members": {"queue": "fit"},
+            "graceq.run_reference": {"queue": "dft"},
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    if broker_url:
+        options = {"visibility_timeout": visibility_s}
+        conf.update(
+            broker_url=broker_url,
+            result_backend=os.environ.get("GRACEQ_RESULT_BACKEND", broker_url),
+            broker_transport_options=options,
+            result_backend_transport_options=options,
+        )
+        mode = "redis" if broker_url.startswith("redis") else "broker"
+    elif embedded_dir:
+        folder = Path(embedded_dir).resolve()
+        for sub in ("queue", "control", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf.update(
+            broker_url="filesystem://",
+            broker_transport_options={
+                "data_folder_in": str(folder / "queue"),
+                "data_folder_out": str(folder / "queue"),
+                "control_folder": str(folder / "control"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+            },
+            # the folder transport has no fan-out worth using: no remote control, no events
+            worker_enable_remote_control=False,
+            worker_send_task_events=False,
+            task_send_sent_event=False,
+            result_backend=None,
+            task_ignore_result=True,
+        )
+        mode = "embedded"
+    else:
+        mode = "unconfigured"
+    app.conf.update(conf)
+    return mode
+
+
+def configure_from_environment() -> str:
+    """Configure from GRACEQ_BROKER_URL or GRACEQ_EMBEDDED_DIR (what `celery -A graceq.app` sees)."""
+    return configure(
+        broker_url=os.environ.get("GRACEQ_BROKER_URL") or None,
+        embedded_dir=os.environ.get("GRACEQ_EMBEDDED_DIR") or None,
+    )
+
+
+configure_from_environment()

@@ -1,0 +1,147 @@
+"""Campaign settings: one TOML file, validated by pydantic before any work starts.
+
+Every energy in the settings is in the campaign's unit (``campaign.unit``); the window is per
+molecule, as CSP papers quote it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A settings file or value that cannot run; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CampaignSection(_Section):
+    pool: str = Field(description="generation pool: extxyz/ASE-readable file, VASP directory or ASE .db")
+    unit: str = Field("kJ/mol", description="unit of every energy in the pool and the settings")
+    window: float = Field(5.0, description="energy window above the best structure, per molecule, in `unit`")
+    n_init: int = Field(20, ge=2, description="structures in the farthest-point initial batch")
+    n_batch: int = Field(10, ge=1, description="structures per Kriging-Believer batch")
+    p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description="stop when p_conv reaches this")
+    budget: int = Field(0, ge=0, description="most reference calls (0: the whole pool)")
+    seed: int = Field(0, description="seed of every random choice (committee subsets)")
+    energy_key: str = "energy_ff"
+    name_key: str = "name"
+    energies_csv: str | None = Field(None, description="CSV name,energy_ff for a VASP directory pool")
+    atoms_per_molecule: int | None = Field(None, ge=1, description="atoms per molecule (default: detected)")
+    on_bad_molecule: Literal["error", "skip"] = "error"
+
+    @field_validator("window")
+    @classmethod
+    def _positive_window(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"the energy window must be > 0, got {value}")
+        return value
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, value: str) -> str:
+        from graceq.units import check_unit
+
+        return check_unit(value)
+
+
+class DescriptorSection(_Section):
+    n_max: int = Field(14, ge=1)
+    l_max: int = Field(9, ge=0)
+    cutoff: float = Field(4.5, gt=0, description="Å")
+    smoothing: float = Field(0.5, ge=0, description="Å")
+    gaussian_width: float = Field(0.3, gt=0, description="Å")
+    scaling_rate: float = 1.0
+    scaling_scale: float = Field(3.5, description="Å")
+    scaling_exponent: float = 2.0
+    n_compressed: int = Field(5, ge=1)
+    fit_sample: int = Field(200, ge=1, description="structures used to fit the radial compression")
+    chunk_size: int = Field(32, ge=1, description="structures per featurize task")
+
+
+class ModelSection(_Section):
+    n_members: int = Field(256, ge=4)
+    subsample: float = Field(0.5, gt=0, le=1)
+    cv: int = Field(5, ge=2)
+    alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-10, 2)])
+    train_fraction: float = Field(0.8, gt=0, lt=1)
+    members_per_task: int = Field(64, ge=1, description="committee members fitted by one fit task")
+
+
+class EngineSection(_Section):
+    model_config = ConfigDict(extra="allow")
+    engine: Literal["replay", "ase", "slurm"] = "replay"
+
+
+class RuntimeSection(_Section):
+    workers: int = Field(2, ge=1, description="embedded worker processes started by `graceq run`")
+    lease_timeout: float = Field(90.0, gt=0, description="s without a heartbeat before a job counts as lost")
+    resend_unstarted_after: float = Field(
+        3600.0, gt=0, description="s a job may wait in the queue before it is sent again"
+    )
+    max_attempts: int = Field(3, ge=1, description="deliveries of one job before it counts as failed")
+    poll_interval: float = Field(0.2, gt=0, description="s between looks at the result files")
+
+
+class Settings(_Section):
+    campaign: CampaignSection
+    descriptor: DescriptorSection = DescriptorSection()
+    model: ModelSection = ModelSection()
+    engine: EngineSection = EngineSection()
+    runtime: RuntimeSection = RuntimeSection()
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (None values dropped, since TOML has no null)."""
+        return _drop_none(self.model_dump())
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Settings from a TOML file (relative pool paths resolved against the file's folder)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    settings = settings_from_dict(data, source=str(path))
+    pool = Path(settings.campaign.pool).expanduser()
+    if not pool.is_absolute():
+        settings.campaign.pool = str((path.parent / pool).resolve())
+    return settings
+
+
+def settings_from_dict(data: dict[str, Any], source: str = "<settings>") -> Settings:
+    """Validated settings; a ConfigError names the source and every bad field."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"[{'.'.join(str(p) for p in err['loc'])}] {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: invalid settings: {problems}") from None
+
+
+def write_settings(settings: Settings, path: str | Path) -> None:
+    """Write settings as TOML, so that the campaign directory holds what it ran with."""
+    Path(path).write_text(tomli_w.dumps(settings.to_toml_dict()))
