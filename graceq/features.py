@@ -29,7 +29,9 @@ native scaling against ``c / (c + (r / r0)**m)`` on a dimer). The keys are selec
 every ``(l, centre species, neighbour species)`` of the campaign's species list, so every structure
 yields the same feature length whatever species it contains. Structures are processed in batches
 of ``batch_size``; featomic parallelises over the structures of one batch with ``RAYON_NUM_THREADS``
-threads. Per-atom arrays only ever exist for one batch.
+threads. Per-atom arrays only ever exist for one batch (featomic's n_max = 14 expansion of 8
+ROY cells of 432 atoms is about 190 MB); per-centre power spectra are never formed, the cell
+average of the normalised spectra is accumulated directly (see ``_crystal_features``).
 
 Mapping from the seed's librascal ``SphericalInvariants`` settings (librascal is not installable
 from PyPI; featomic is its maintained successor and computes the same physics):
@@ -53,11 +55,12 @@ featomic's own ``SoapPowerSpectrum`` multiplies every odd-``l`` channel by -1 (i
 with ``(-1)**l / sqrt(2l + 1)``, a Clebsch-Gordan coefficient); librascal and this module use
 ``+1 / sqrt(2l + 1)`` as in DESIGN.md. The flip leaves per-centre norms and kernels between
 vectors computed the same way unchanged, but the raw numbers differ in sign (a test checks this
-module against ``SoapPowerSpectrum`` with the sign undone). The seed did not state its smoothing and Gaussian widths; 0.5 Å and 0.3 Å are
-librascal's example values.
+module against ``SoapPowerSpectrum`` with the sign undone). The seed did not state its smoothing
+and Gaussian widths; 0.5 Å and 0.3 Å are librascal's example values.
 
-Caveats: eigenvector signs are arbitrary in ``eigh``; here each eigenvector is flipped so that its
-entry of largest magnitude is positive (deterministic across machines for the same inputs). A
+Caveats: eigenvector signs are arbitrary in ``eigh`` (they change with the summation order of the
+covariance, e.g. with ``batch_size``); here each eigenvector is flipped so that its entry of
+largest magnitude is positive, which makes the projection reproducible on every worker. A
 species that is rare in the fitting sample (few centres see it as a neighbour) gets noisy
 eigenvectors for its channels; a species absent from the fitting sample falls back to the first
 ``n_compressed`` GTO functions (plain truncation), with a warning, and its variance kept is NaN.
@@ -315,11 +318,11 @@ class CompressedSoap(TransformerMixin, BaseEstimator):
         for start, batch in self._batches(frames):
             expansion = self._expansion(calculator, keys, batch)
             _check_radial_order(expansion, n_max)
-            for key, block in expansion.items():
+            for l, zn, block in _blocks(expansion):
                 values = block.values  # (centres with such neighbours, 2l+1, n_max)
                 if values.shape[0] == 0:
                     continue
-                a, l = index[int(key["neighbor_type"])], int(key["o3_lambda"])
+                a = index[zn]
                 flat = values.reshape(-1, n_max)
                 covariance[a, l] += flat.T @ flat
             n_centers += sum(len(atoms) for atoms in batch)
@@ -395,40 +398,57 @@ class CompressedSoap(TransformerMixin, BaseEstimator):
         offsets = np.concatenate([[0], np.cumsum([len(atoms) for atoms in batch])])
         coefficients = [np.zeros((offsets[-1], len(species), k, 2 * l + 1)) for l in range(n_l)]
         _check_radial_order(expansion, n_max)
-        for key, block in expansion.items():
+        for l, zn, block in _blocks(expansion):
             values = block.values
             if values.shape[0] == 0:
                 continue
-            a, l = index[int(key["neighbor_type"])], int(key["o3_lambda"])
             samples = block.samples.values
             centres = offsets[samples[:, 0]] + samples[:, 1]
-            # (n, 2l+1, n_max) @ (n_max, k) -> (n, 2l+1, k) -> (n, k, 2l+1)
-            coefficients[l][centres, a] = (values @ self.projection_[a, l]).transpose(0, 2, 1)
+            # (n (2l+1), n_max) @ (n_max, k) -> (n, 2l+1, k) -> (n, k, 2l+1)
+            projected = values.reshape(-1, n_max) @ self.projection_[index[zn], l]
+            coefficients[l][centres, index[zn]] = projected.reshape(
+                values.shape[0], 2 * l + 1, k
+            ).transpose(0, 2, 1)
         return coefficients
 
     def _crystal_features(self, expansion, batch) -> np.ndarray:
+        """Return (len(batch), n_features): per-centre unit-normalised spectra averaged per cell.
+
+        Per-centre power spectra are never materialised. With X_i[l] the (S k, 2l+1) compressed
+        coefficients of centre i, the full (a1, a2 unrestricted) spectrum is
+        X_i[l] X_i[l]^T / sqrt(2l+1), whose squared norm over the kept entries (a1 <= a2, factor
+        2 from f**2 for a1 != a2) is sum_l ||X_i[l]^T X_i[l]||_F^2 / (2l+1). The cell average of
+        the normalised spectra is then one product Y Y^T per (cell, l) with Y the horizontal
+        stack of X_i[l] / sqrt(|p_i|).
+        """
         coefficients = self.compressed_coefficients(expansion, batch)
         n_species, k, n_l = len(self._species()), int(self.n_compressed), int(self.l_max) + 1
+        n_centres = coefficients[0].shape[0]
+        flat = [c.reshape(n_centres, n_species * k, 2 * l + 1) for l, c in enumerate(coefficients)]
+
+        norm2 = np.zeros(n_centres)
+        for l, x in enumerate(flat):
+            gram = np.matmul(x.transpose(0, 2, 1), x)  # (centres, 2l+1, 2l+1)
+            norm2 += np.einsum("imn,imn->i", gram, gram) / (2 * l + 1)
+        if np.any(norm2 <= 0):
+            raise ValueError("CompressedSoap: a centre has an all-zero power spectrum")
+        weight = norm2 ** -0.25  # sqrt(1 / |p_i|), applied to both factors
+
         first, second = np.triu_indices(n_species)
         factor = np.where(first == second, 1.0, np.sqrt(2.0))
-        n_centres = coefficients[0].shape[0]
-        spectrum = np.empty((n_centres, len(first), k, k, n_l))
-        for l, c in enumerate(coefficients):
-            flat = c.reshape(n_centres, n_species * k, 2 * l + 1)
-            products = np.matmul(flat, flat.transpose(0, 2, 1)).reshape(
-                n_centres, n_species, k, n_species, k
-            )
-            spectrum[..., l] = products[:, first, :, second, :].transpose(1, 0, 2, 3) * (
-                factor[None, :, None, None] / np.sqrt(2 * l + 1)
-            )
-        spectrum = spectrum.reshape(n_centres, -1)
-        norms = np.linalg.norm(spectrum, axis=1)
-        if np.any(norms == 0):
-            raise ValueError("CompressedSoap: a centre has an all-zero power spectrum")
-        spectrum /= norms[:, None]
-        counts = np.array([len(atoms) for atoms in batch])
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        return np.add.reduceat(spectrum, starts, axis=0) / counts[:, None]
+        out = np.empty((len(batch), len(first), k, k, n_l))
+        offsets = np.concatenate([[0], np.cumsum([len(atoms) for atoms in batch])])
+        for s in range(len(batch)):
+            centres = slice(offsets[s], offsets[s + 1])
+            n_cell = offsets[s + 1] - offsets[s]
+            for l, x in enumerate(flat):
+                y = (x[centres] * weight[centres, None, None]).transpose(1, 0, 2)
+                y = y.reshape(n_species * k, -1)
+                full = (y @ y.T).reshape(n_species, k, n_species, k)
+                out[s, :, :, :, l] = full[first, :, second, :] * (
+                    factor[:, None, None] / (np.sqrt(2 * l + 1) * n_cell)
+                )
+        return out.reshape(len(batch), -1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
@@ -476,6 +496,14 @@ def _leading_eigenvectors(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pivot = vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])]
     vectors = vectors * np.where(pivot < 0, -1.0, 1.0)
     return values, vectors
+
+
+def _blocks(expansion):
+    """Yield (l, neighbour atomic number, block) for every block of a spherical expansion."""
+    names = expansion.keys.names
+    column_l, column_zn = names.index("o3_lambda"), names.index("neighbor_type")
+    for i, key in enumerate(expansion.keys.values):
+        yield int(key[column_l]), int(key[column_zn]), expansion.block_by_id(i)
 
 
 def _check_radial_order(expansion, n_max: int) -> None:

@@ -69,6 +69,11 @@ def test_feature_length(fitted, benzamide, roy):
     features = soap.transform(roy)
     assert features.shape == (2, 3750) and features.dtype == np.float64
     assert len(soap.feature_labels()) == 3750
+    # a cell without sulfur keeps the campaign's length, with zeros in every S channel
+    no_sulfur = soap.transform(benzamide[:1])
+    has_sulfur = (soap.feature_labels()[:, :2] == 16).any(axis=1)
+    assert no_sulfur.shape == (1, 3750)
+    assert np.all(no_sulfur[0, has_sulfur] == 0) and np.all(np.any(no_sulfur[:, ~has_sulfur] != 0))
 
 
 def test_invariant_to_atom_order(fitted, benzamide):
