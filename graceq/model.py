@@ -1,0 +1,267 @@
+"""Ridge committee delta-model (DESIGN.md section 3).
+
+The target is the per-atom correction ``y = (E_ref - E_ff) / N_atoms`` (energy per atom, in the
+campaign's energy unit) and the features are the averaged SOAP vectors of the force-field
+structures.  :class:`CommitteeRidge` is a scikit-learn regressor: lambda is chosen once on the
+train set by 5-fold cross-validation, then ``n_members`` ridge models (same lambda, intercept
+fitted, unpenalised) are trained on random half-subsets of the train set; the committee mean is
+the prediction and the calibrated committee spread is its uncertainty.
+
+Every member is *exactly* ``sklearn.linear_model.Ridge(alpha).fit`` on its rows; the code here
+only arranges the linear algebra so that it is done once (one factorisation per CV fold for all
+lambdas; all members from one Gram matrix).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.model_selection import KFold
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+DEFAULT_ALPHAS = np.logspace(-10, 1, 12)
+
+# Members solved together per batched LAPACK call: bounds the (chunk, n_sub, n_sub) work array.
+_MEMBER_CHUNK = 32
+
+
+def chronological_split(n_labelled: int, train_fraction: float = 0.8, cv: int = 5):
+    """Return ``(train_idx, test_idx)``: the first ``train_fraction`` of the labelled structures
+    in sampling order train the model, the most recent ones test and calibrate it (no shuffle).
+
+    Rounding: ``n_train = floor(train_fraction * n_labelled)``, then clipped so that at least one
+    structure is left for the test set.  Raises ``ValueError`` if that leaves fewer than ``cv``
+    train structures (5-fold cross-validation of lambda needs at least ``cv`` of them).
+    """
+    n_labelled = int(n_labelled)
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    n_train = min(int(np.floor(train_fraction * n_labelled)), n_labelled - 1)
+    if n_train < cv:
+        raise ValueError(
+            f"{n_labelled} labelled structures are too few for a chronological "
+            f"{train_fraction:.0%}/{1 - train_fraction:.0%} split with {cv}-fold cross-validation: "
+            f"the train set would hold {max(n_train, 0)} structures (need >= {cv}) and the test set "
+            f">= 1; label at least {int(np.ceil((cv + 1) / train_fraction))} structures first")
+    order = np.arange(n_labelled)
+    return order[:n_train], order[n_train:]
+
+
+def _ridge_path_predictions(X_fit, y_fit, X_eval, alphas):
+    """Return predictions ``(n_eval, n_alphas)`` of intercept-fitted ridge models, one per alpha,
+    from one eigendecomposition (dual Gram if p > n, else primal X^T X, as scikit-learn's
+    cholesky solver chooses).  Eigenvalues are clipped at 0 (round-off can make them slightly
+    negative)."""
+    x_mean = X_fit.mean(axis=0)
+    y_mean = y_fit.mean()
+    Xc = X_fit - x_mean
+    yc = y_fit - y_mean
+    Xe = X_eval - x_mean
+    n, p = Xc.shape
+    if p > n:
+        s, U = np.linalg.eigh(Xc @ Xc.T)
+        proj = (Xe @ Xc.T) @ U          # eval rows in the eigenbasis of the dual
+        rhs = U.T @ yc
+    else:
+        s, U = np.linalg.eigh(Xc.T @ Xc)
+        proj = Xe @ U
+        rhs = U.T @ (Xc.T @ yc)
+    s = np.clip(s, 0.0, None)
+    return proj @ (rhs[:, None] / (s[:, None] + np.asarray(alphas)[None, :])) + y_mean
+
+
+def select_ridge_alpha(X, y, alphas=DEFAULT_ALPHAS, cv: int = 5):
+    """Return ``(alpha, cv_rmse)``: the ridge lambda with the lowest mean fold RMSE and the mean
+    fold RMSE of every lambda (units of ``y``).
+
+    Same choice as ``GridSearchCV(Ridge(), {"alpha": alphas}, cv=KFold(cv),
+    scoring="neg_root_mean_squared_error")``: folds in order (no shuffle), intercept fitted, score
+    averaged over folds, ties go to the first lambda of the grid.  One factorisation per fold
+    serves all lambdas.
+    """
+    X, y = check_X_y(X, y, dtype=np.float64, y_numeric=True)
+    alphas = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+    if np.any(alphas <= 0):
+        raise ValueError(f"ridge alphas must be > 0, got {alphas}")
+    if X.shape[0] < cv:
+        raise ValueError(f"{X.shape[0]} train structures are too few for {cv}-fold cross-validation")
+    fold_rmse = []
+    for train, test in KFold(cv).split(X):
+        pred = _ridge_path_predictions(X[train], y[train], X[test], alphas)
+        fold_rmse.append(np.sqrt(np.mean((y[test][:, None] - pred) ** 2, axis=0)))
+    cv_rmse = np.mean(fold_rmse, axis=0)
+    return float(alphas[int(np.argmin(cv_rmse))]), cv_rmse
+
+
+def fit_members(X, y, alpha: float, subsets):
+    """Return ``(coef (m, p), intercept (m,))`` of ridge models ``Ridge(alpha).fit(X[s], y[s])``,
+    one per row of ``subsets`` (int array (m, n_sub)), solved in batches.
+
+    Dual (centred Gram of the member's rows) when p > n_sub, primal (centred X^T X) otherwise, as
+    scikit-learn does.  Features are first shifted by the mean of all rows, which changes no
+    member (the intercept absorbs it) but keeps the Gram matrix well conditioned.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    subsets = np.atleast_2d(np.asarray(subsets, dtype=np.intp))
+    m, n_sub = subsets.shape
+    p = X.shape[1]
+    shift = X.mean(axis=0)
+    Xs = X - shift
+    coef = np.empty((m, p))
+    intercept = np.empty(m)
+    dual = p > n_sub
+    gram = Xs @ Xs.T if dual else None
+    eye = np.eye(n_sub if dual else p)
+    for lo in range(0, m, _MEMBER_CHUNK):
+        idx = subsets[lo:lo + _MEMBER_CHUNK]
+        Xm = Xs[idx]                                        # (c, n_sub, p)
+        x_mean = Xm.mean(axis=1)                            # (c, p)
+        ym = y[idx]
+        y_mean = ym.mean(axis=1)
+        yc = ym - y_mean[:, None]
+        if dual:
+            K = gram[idx[:, :, None], idx[:, None, :]]      # (c, n_sub, n_sub)
+            K = K - K.mean(axis=1, keepdims=True)
+            K = K - K.mean(axis=2, keepdims=True)           # centred Gram of the member's rows
+            dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
+            w = np.einsum("cn,cnp->cp", dual_coef, Xm - x_mean[:, None, :])
+        else:
+            Xc = Xm - x_mean[:, None, :]
+            A = np.einsum("cnp,cnq->cpq", Xc, Xc) + alpha * eye
+            w = np.linalg.solve(A, np.einsum("cnp,cn->cp", Xc, yc)[:, :, None])[:, :, 0]
+        coef[lo:lo + len(idx)] = w
+        # intercept in the caller's (unshifted) coordinates
+        intercept[lo:lo + len(idx)] = y_mean - np.einsum("cp,cp->c", x_mean + shift, w)
+    return coef, intercept
+
+
+class CommitteeRidge(RegressorMixin, BaseEstimator):
+    """Committee of ridge models on random subsamples (Imbalzano et al. 2021), calibrated.
+
+    Parameters
+    ----------
+    n_members : number of ridge models in the committee (n_res).
+    subsample : fraction of the train set each member sees (drawn without replacement).
+    alphas : lambda grid searched by 5-fold CV on the whole train set; one lambda for all members.
+    cv : number of CV folds (in order, no shuffle).
+    random_state : seed of ``np.random.default_rng`` that draws the members' subsets.
+
+    Attributes after ``fit``: ``alpha_``, ``cv_rmse_`` (per grid lambda), ``subsets_`` (m, n_sub),
+    ``coef_`` (m, p), ``intercept_`` (m,), ``X_train_``, ``y_train_``, ``calibration_`` (1.0 until
+    :meth:`calibrate`).  After ``calibrate``: ``calibration_``, ``calibration_alpha2_`` (raw
+    estimate), ``calibration_warning_`` (None or why the floor was used), ``test_rmse_``.
+    """
+
+    def __init__(self, n_members=256, subsample=0.5, alphas=DEFAULT_ALPHAS, cv=5, random_state=0):
+        self.n_members = n_members
+        self.subsample = subsample
+        self.alphas = alphas
+        self.cv = cv
+        self.random_state = random_state
+
+    def _n_sub(self, n_train):
+        n_sub = max(2, int(round(self.subsample * n_train)))
+        if n_sub > n_train:
+            raise ValueError(f"subsample={self.subsample} of {n_train} train structures gives "
+                             f"{n_sub} rows per member; need at least 2 train structures")
+        return n_sub
+
+    def draw_subsets(self, n_train: int) -> np.ndarray:
+        """Return the members' train-row subsets ``(n_members, n_sub)`` (each sorted), drawn
+        without replacement from ``default_rng(random_state)``;
+        ``n_sub = max(2, round(subsample * n_train))`` (Python's round: halves go to even)."""
+        if self.n_members < 2:
+            raise ValueError(f"a committee needs n_members >= 2, got {self.n_members}")
+        n_sub = self._n_sub(n_train)
+        rng = np.random.default_rng(self.random_state)
+        return np.stack([np.sort(rng.choice(n_train, n_sub, replace=False))
+                         for _ in range(self.n_members)])
+
+    def fit(self, X, y):
+        """Choose lambda by CV on ``(X, y)``, draw the subsets and fit every member."""
+        X, y = check_X_y(X, y, dtype=np.float64, y_numeric=True)
+        alpha, cv_rmse = select_ridge_alpha(X, y, self.alphas, self.cv)
+        subsets = self.draw_subsets(X.shape[0])
+        coef, intercept = fit_members(X, y, alpha, subsets)
+        self._set_fitted(X, y, alpha, subsets, coef, intercept, cv_rmse)
+        return self
+
+    @classmethod
+    def from_members(cls, X, y, alpha, subsets, coef, intercept, *, cv_rmse=None, **params):
+        """Return a fitted committee assembled from members fitted elsewhere (e.g. by distributed
+        ``fit_members`` calls on slices of ``draw_subsets``); equals ``fit`` on the same data."""
+        model = cls(**params)
+        X, y = check_X_y(X, y, dtype=np.float64, y_numeric=True)
+        subsets = np.asarray(subsets, dtype=np.intp)
+        coef = np.asarray(coef, dtype=np.float64)
+        intercept = np.asarray(intercept, dtype=np.float64)
+        m = model.n_members
+        if subsets.shape[0] != m or coef.shape != (m, X.shape[1]) or intercept.shape != (m,):
+            raise ValueError(f"members do not match n_members={m} and {X.shape[1]} features: "
+                             f"subsets {subsets.shape}, coef {coef.shape}, intercept {intercept.shape}")
+        model._set_fitted(X, y, float(alpha), subsets, coef, intercept,
+                          None if cv_rmse is None else np.asarray(cv_rmse))
+        return model
+
+    def _set_fitted(self, X, y, alpha, subsets, coef, intercept, cv_rmse):
+        self.alpha_ = alpha
+        self.cv_rmse_ = cv_rmse
+        self.subsets_ = subsets
+        self.coef_ = coef
+        self.intercept_ = intercept
+        self.X_train_ = X
+        self.y_train_ = y
+        self.n_features_in_ = X.shape[1]
+        self.calibration_ = 1.0
+        self.calibration_alpha2_ = None
+        self.calibration_warning_ = None
+        self.test_rmse_ = None
+
+    def predict_members(self, X) -> np.ndarray:
+        """Return every member's (uncalibrated) prediction, shape ``(n_samples, n_members)``."""
+        check_is_fitted(self, "coef_")
+        X = check_array(X, dtype=np.float64)
+        return X @ self.coef_.T + self.intercept_
+
+    def calibrate(self, X_test, y_test):
+        """Set ``calibration_`` = alpha from the test set (DESIGN.md 3):
+        ``alpha^2 = -1/m + (m-3)/(m-1) * mean[(y - ybar)^2 / sigma^2]`` with the uncalibrated
+        committee mean ``ybar`` and std ``sigma`` (ddof=1).
+
+        If ``alpha^2 <= 0`` (the committee spread is far larger than its errors) alpha is floored
+        at ``1/sqrt(m)``: that is the resolution of the bias-corrected estimator (its -1/m term)
+        and lies above the uncorrected estimate ``sqrt(mean[...])``, so the uncertainty is kept
+        conservative instead of collapsing; ``calibration_warning_`` says so.
+        """
+        X_test, y_test = check_X_y(X_test, y_test, dtype=np.float64, y_numeric=True)
+        pred = self.predict_members(X_test)
+        m = pred.shape[1]
+        y_bar = pred.mean(axis=1)
+        sigma = pred.std(axis=1, ddof=1)
+        if np.any(sigma <= 0):
+            raise ValueError(f"{int(np.sum(sigma <= 0))} test structures have zero committee "
+                             "spread (all members agree exactly), calibration is undefined; use "
+                             "subsample < 1 so that members differ")
+        alpha2 = -1.0 / m + (m - 3) / (m - 1) * np.mean((y_test - y_bar) ** 2 / sigma ** 2)
+        self.calibration_alpha2_ = float(alpha2)
+        if alpha2 <= 0:
+            self.calibration_ = 1.0 / np.sqrt(m)
+            self.calibration_warning_ = (
+                f"calibration alpha^2 = {alpha2:.3g} <= 0 on {len(y_test)} test structures "
+                f"(committee spread much larger than its errors); alpha floored at "
+                f"1/sqrt(n_members) = {self.calibration_:.3g}")
+        else:
+            self.calibration_ = float(np.sqrt(alpha2))
+            self.calibration_warning_ = None
+        self.test_rmse_ = float(np.sqrt(np.mean((y_test - y_bar) ** 2)))
+        return self
+
+    def predict(self, X, return_std=False):
+        """Return the committee mean (and with ``return_std`` the calibrated std
+        ``calibration_ * std(ddof=1)``), in the units of ``y``."""
+        pred = self.predict_members(X)
+        mean = pred.mean(axis=1)
+        if not return_std:
+            return mean
+        return mean, self.calibration_ * pred.std(axis=1, ddof=1)
