@@ -1,0 +1,772 @@
+"""Reading generation pools and checking them before any work starts.
+
+A pool is a list of periodic crystal structures of one molecule with their force-field
+energies (totals per cell, in a unit the user names). Three sources are accepted:
+
+1. an extended-XYZ file (or any multi-frame file ASE reads) with per-frame ``name`` and
+   ``energy_ff`` in ``atoms.info``;
+2. a directory of VASP files (``*.vasp``, ``POSCAR*``, ``CONTCAR*``; one structure per file,
+   name = file name without a ``.vasp`` suffix) plus a CSV ``name,energy_ff`` (``energies.csv``
+   in the directory, or given explicitly);
+3. an ASE database (``.db``, SQLite) with key-value pairs ``name`` and ``energy_ff``; the campaign
+   keeps its own copy of the pool in this format (:func:`write_pool_db`).
+
+Every problem is reported as an :class:`InputError` naming the file, the structure and what is
+wrong, before any descriptor or DFT work starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import ase.db
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.formula import Formula
+from ase.neighborlist import natural_cutoffs, neighbor_list
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .units import check_unit
+
+#: Two atoms are bonded when closer than BOND_SCALE x (sum of ASE covalent radii). 1.0 misses
+#: many C-H bonds (1.09 A vs 1.07 A); on ROY-264 and benzamide the bonded pairs lie below 1.05
+#: and the closest non-bonded contacts above 1.4, so 1.2 sits safely in the gap.
+BOND_SCALE = 1.2
+
+#: At most this many offending structures are listed in one error message.
+_MAX_LISTED = 20
+
+_VASP_PREFIXES = ("POSCAR", "CONTCAR")
+
+
+class InputError(ValueError):
+    """A pool input that graceq cannot use; the message names file, structure, problem and fix."""
+
+
+@dataclass
+class Pool:
+    """A validated generation pool.
+
+    Attributes
+    ----------
+    frames : list of ase.Atoms
+        The crystal structures (periodic unit cells).
+    names : list of str
+        Unique structure names, in pool order.
+    energy_ff : ndarray, shape (n,)
+        Force-field energy, total per cell, in ``unit``.
+    n_atoms : ndarray of int, shape (n,)
+        Atoms per cell.
+    atoms_per_molecule : int
+        Atoms in one molecule (from the bonded connectivity of the first structure, unless given).
+    unit : str
+        Canonical energy unit of ``energy_ff`` and ``energy_ref`` (see :mod:`graceq.units`).
+    source : str
+        Path of the file or directory the pool was read from.
+    energy_ref : ndarray or None
+        Reference energy, total per cell, in ``unit``; NaN where a structure has none (replay
+        data); None when the source has no such key at all.
+    status : list of str or None
+        Per-structure status column of the source (e.g. benzamide's converged / unconverged /
+        unstable), "" where absent; None when the source has no such column.
+    """
+
+    frames: list
+    names: list
+    energy_ff: np.ndarray
+    n_atoms: np.ndarray
+    atoms_per_molecule: int
+    unit: str
+    source: str
+    energy_ref: np.ndarray | None = None
+    status: list | None = None
+
+    def per_molecule(self, energy_cell) -> np.ndarray:
+        """Return per-molecule energies ``E_cell / n_atoms * atoms_per_molecule`` (same unit).
+
+        ``energy_cell`` holds one total-per-cell energy per pool structure. This is the one
+        place graceq turns cell totals into per-molecule energies.
+        """
+        energy_cell = np.asarray(energy_cell, dtype=float)
+        if energy_cell.shape != self.n_atoms.shape:
+            raise ValueError(
+                f"per_molecule needs one energy per pool structure ({len(self)}), "
+                f"got shape {energy_cell.shape}"
+            )
+        return energy_cell / self.n_atoms * self.atoms_per_molecule
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+# --------------------------------------------------------------------------------------------
+# Molecules from bonded connectivity
+# --------------------------------------------------------------------------------------------
+
+
+def _molecule_labels(atoms: Atoms) -> tuple[int, np.ndarray]:
+    """Return (number of molecules, molecule label per atom) from covalent bonds.
+
+    Labels are numbered in order of each molecule's first atom, so atom 0 is in molecule 0.
+    Bonds across periodic boundaries count, so a molecule split by the cell is one molecule.
+    """
+    n = len(atoms)
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_SCALE))
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)
+
+
+def molecule_formulas(atoms: Atoms) -> list[str]:
+    """Return the Hill formula of every bonded molecule in the cell, ordered by first atom."""
+    if len(atoms) == 0:
+        return []
+    n_mol, labels = _molecule_labels(atoms)
+    counts = np.zeros((n_mol, int(atoms.numbers.max()) + 1), dtype=int)
+    np.add.at(counts, (labels, atoms.numbers), 1)
+    cache: dict[bytes, str] = {}
+    formulas = []
+    for row in counts:
+        key = row.tobytes()
+        if key not in cache:
+            cache[key] = Formula.from_dict(
+                {chemical_symbols[z]: int(c) for z, c in enumerate(row) if c}
+            ).format("hill")
+        formulas.append(cache[key])
+    return formulas
+
+
+def _describe_molecules(formulas: Sequence[str]) -> str:
+    """'3 x C7H7NO, 1 x C7H6NO, 1 x H' for a list of molecule formulas."""
+    seen: dict[str, int] = {}
+    for f in formulas:
+        seen[f] = seen.get(f, 0) + 1
+    return ", ".join(f"{c} x {f}" for f, c in seen.items())
+
+
+def molecular_formula(atoms: Atoms) -> str:
+    """Return the Hill formula of the one molecule the cell is made of.
+
+    Raises ValueError when the cell holds molecules of different formulas (a broken molecule,
+    or more than one kind of molecule).
+    """
+    formulas = molecule_formulas(atoms)
+    if not formulas:
+        raise ValueError("the structure has no atoms")
+    if len(set(formulas)) != 1:
+        raise ValueError(
+            f"the cell holds molecules of different formulas ({_describe_molecules(formulas)}): "
+            "a molecule is broken or merged with another, or the crystal has more than one "
+            "kind of molecule"
+        )
+    return formulas[0]
+
+
+def atoms_per_molecule(atoms: Atoms) -> int:
+    """Return the number of atoms of one molecule (the bonded molecule holding atom 0).
+
+    Raises ValueError when not all molecules in the cell have the same formula.
+    """
+    molecular_formula(atoms)  # all molecules alike, else ValueError
+    n_mol, _ = _molecule_labels(atoms)
+    return len(atoms) // n_mol
+
+
+# --------------------------------------------------------------------------------------------
+# Raw records from the three sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """One structure as read, before validation; ``where`` locates it for messages."""
+
+    atoms: Atoms
+    name: object
+    energy: object
+    ref: object = None
+    status: object = None
+    where: str = ""
+    file: str = ""
+
+
+@dataclass
+class _Raw:
+    records: list
+    has_ref: bool
+    has_status: bool
+    energy_file: str  # the file the energies came from (the CSV for VASP directories)
+    apm_hint: int | None = None
+    notes: list = field(default_factory=list)
+
+
+def _info_value(atoms: Atoms, key: str):
+    """Value of ``key`` in atoms.info, or in the calculator results (extxyz moves 'energy')."""
+    if key in atoms.info:
+        return atoms.info[key]
+    calc = atoms.calc
+    if calc is not None and key in getattr(calc, "results", {}):
+        return calc.results[key]
+    return None
+
+
+_WHAT_SOURCES = (
+    "graceq reads an extended-XYZ file (or any multi-frame file ASE reads) with per-frame "
+    "name and energy_ff, a directory of POSCAR/CONTCAR/*.vasp files with energies.csv, or an "
+    "ASE .db database"
+)
+
+
+def _read_ase_file(path: Path, name_key, energy_key, ref_key, status_key) -> _Raw:
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty, so the pool has no structures. {_WHAT_SOURCES}.")
+    try:
+        frames = ase.io.read(str(path), index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise InputError(
+            f"{path}: cannot read structures from this file ({type(exc).__name__}: {exc}). "
+            f"{_WHAT_SOURCES}."
+        ) from exc
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    records = [
+        _Record(
+            atoms=a,
+            name=_info_value(a, name_key),
+            energy=_info_value(a, energy_key),
+            ref=_info_value(a, ref_key),
+            status=_info_value(a, status_key),
+            where=f"frame {i}",
+            file=str(path),
+        )
+        for i, a in enumerate(frames)
+    ]
+    return _Raw(
+        records,
+        has_ref=any(r.ref is not None for r in records),
+        has_status=any(r.status is not None for r in records),
+        energy_file=str(path),
+    )
+
+
+def _is_vasp_file(p: Path) -> bool:
+    return p.is_file() and (p.suffix.lower() == ".vasp" or p.name.startswith(_VASP_PREFIXES))
+
+
+def _vasp_name(p: Path) -> str:
+    """Structure name of a VASP file: the file name without a '.vasp' suffix."""
+    return p.name[: -len(".vasp")] if p.suffix.lower() == ".vasp" else p.name
+
+
+def _read_energy_csv(csv_path: Path, name_key, energy_key, ref_key, status_key) -> dict:
+    """Return {name: {energy_key: str, ...}} from a CSV with a header line."""
+    try:
+        with open(csv_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except OSError as exc:
+        raise InputError(f"{csv_path}: cannot read the energy table ({exc}).") from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{csv_path}: not a readable CSV ({exc}); give a text file with a header line "
+            f"'{name_key},{energy_key}'."
+        ) from exc
+    missing = [c for c in (name_key, energy_key) if c not in columns]
+    if missing:
+        raise InputError(
+            f"{csv_path}: the energy table has no column {', '.join(map(repr, missing))} "
+            f"(columns found: {columns}); its header line must be '{name_key},{energy_key}' "
+            f"(optionally also {ref_key}, {status_key})."
+        )
+    table: dict[str, dict] = {}
+    for line, row in enumerate(rows, start=2):
+        name = row.get(name_key, "")
+        if not name:
+            raise InputError(f"{csv_path}: line {line} has an empty {name_key!r}; give every row a structure name.")
+        if name in table:
+            raise InputError(
+                f"{csv_path}: structure {name!r} appears twice (line {line}); keep one energy per structure."
+            )
+        table[name] = row
+    return table
+
+
+def _read_vasp_dir(path: Path, energies_csv, name_key, energy_key, ref_key, status_key) -> _Raw:
+    files = sorted(p for p in path.iterdir() if _is_vasp_file(p))
+    if not files:
+        raise InputError(
+            f"{path}: the directory holds no VASP structure files (*.vasp, POSCAR*, CONTCAR*), "
+            "so the pool is empty. Put one structure per file there."
+        )
+    csv_path = Path(energies_csv) if energies_csv is not None else path / "energies.csv"
+    if not csv_path.is_file():
+        raise InputError(
+            f"{csv_path}: no energy table for the VASP directory {path}. Give energies_csv, or "
+            f"put an energies.csv with header '{name_key},{energy_key}' (total per cell) in the directory."
+        )
+    table = _read_energy_csv(csv_path, name_key, energy_key, ref_key, status_key)
+    records = []
+    for p in files:
+        name = _vasp_name(p)
+        try:
+            atoms = ase.io.read(str(p), format="vasp")
+        except Exception as exc:
+            raise InputError(
+                f"{p}: cannot read structure {name!r} as a VASP POSCAR ({type(exc).__name__}: {exc}); "
+                "fix or remove the file."
+            ) from exc
+        row = table.get(name, {})
+        records.append(
+            _Record(
+                atoms=atoms,
+                name=name,
+                energy=row.get(energy_key) or None,
+                ref=row.get(ref_key) or None,
+                status=row.get(status_key) or None,
+                where=f"file {p.name}",
+                file=str(csv_path),
+            )
+        )
+    unused = sorted(set(table) - {_vasp_name(p) for p in files})
+    notes = []
+    if unused:
+        notes.append(
+            f"{csv_path}: {len(unused)} name(s) have no structure file in {path} and are ignored: "
+            + ", ".join(unused[:_MAX_LISTED])
+        )
+    first_row = next(iter(table.values()), {})
+    return _Raw(
+        records,
+        has_ref=ref_key in first_row,
+        has_status=status_key in first_row,
+        energy_file=str(csv_path),
+        notes=notes,
+    )
+
+
+def _open_db(path: Path):
+    """Connect to an existing ASE SQLite database, or raise InputError."""
+    try:
+        db = ase.db.connect(str(path), type="db", create_indices=False)
+        db.count()  # touches the file: a non-database fails here
+        return db
+    except Exception as exc:
+        raise InputError(
+            f"{path}: cannot open as an ASE database ({type(exc).__name__}: {exc}). {_WHAT_SOURCES}."
+        ) from exc
+
+
+def _row_name(row, name_key):
+    name = row.get(name_key)
+    if name is None:
+        name = row.data.get(name_key) if row.get("data") else None
+    return name
+
+
+def _read_db(path: Path, unit: str, name_key, energy_key, ref_key, status_key) -> _Raw:
+    db = _open_db(path)
+    meta = db.metadata or {}
+    if "unit" in meta and check_unit(meta["unit"]) != unit:
+        raise InputError(
+            f"{path}: the database stores energies in {meta['unit']}, but unit={unit!r} was "
+            f"asked for; pass unit={meta['unit']!r}."
+        )
+    records = []
+    try:
+        for i, row in enumerate(db.select(sort="id")):
+            records.append(
+                _Record(
+                    atoms=row.toatoms(),
+                    name=_row_name(row, name_key),
+                    energy=row.get(energy_key),
+                    ref=row.get(ref_key),
+                    status=row.get(status_key),
+                    where=f"row id {row.id}",
+                    file=str(path),
+                )
+            )
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the database rows ({type(exc).__name__}: {exc}).") from exc
+    has_ref = bool(meta.get("has_energy_ref")) or any(r.ref is not None for r in records)
+    has_status = bool(meta.get("has_status")) or any(r.status is not None for r in records)
+    apm = meta.get("atoms_per_molecule")
+    return _Raw(records, has_ref, has_status, str(path), apm_hint=int(apm) if apm else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _label(rec: _Record, name=None) -> str:
+    name = rec.name if name is None else name
+    return f"structure {str(name)!r} ({rec.where})" if name is not None else f"structure at {rec.where}"
+
+
+def _listing(problems: list[str]) -> str:
+    shown = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return "".join(f"\n  - {p}" for p in shown) + more
+
+
+def _to_float(value):
+    """float(value), or None when value is not a number."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_names(raw: _Raw, source: str) -> list[str]:
+    recs = raw.records
+    missing = [r for r in recs if r.name is None or str(r.name).strip() == ""]
+    if len(missing) == len(recs):
+        # no names at all: the frame index is the name
+        return [f"frame-{i:05d}" for i in range(len(recs))]
+    if missing:
+        raise InputError(
+            f"{source}: {len(missing)} structure(s) have no name while others do:"
+            + _listing([_label(r) for r in missing])
+            + "\nGive every structure a unique name (or none at all)."
+        )
+    names = [str(r.name).strip() for r in recs]
+    first: dict[str, int] = {}
+    dups = []
+    for i, n in enumerate(names):
+        if n in first:
+            dups.append(f"name {n!r} at {recs[first[n]].where} and again at {recs[i].where}")
+        else:
+            first[n] = i
+    if dups:
+        raise InputError(
+            f"{source}: duplicate structure names:" + _listing(dups) + "\nNames must be unique; rename or remove the duplicates."
+        )
+    return names
+
+
+def _check_energies(raw: _Raw, names, energy_key, unit) -> np.ndarray:
+    problems = []
+    energies = np.empty(len(names))
+    for i, (rec, name) in enumerate(zip(raw.records, names)):
+        value = _to_float(rec.energy) if rec.energy is not None else None
+        if rec.energy is None:
+            problems.append(f"{_label(rec, name)}: no {energy_key!r} value")
+        elif value is None:
+            problems.append(f"{_label(rec, name)}: {energy_key} = {rec.energy!r} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"{_label(rec, name)}: {energy_key} = {value} is not a finite number")
+        else:
+            energies[i] = value
+    if problems:
+        raise InputError(
+            f"{raw.energy_file}: {len(problems)} structure(s) without a usable {energy_key} "
+            f"(total per cell, in {unit}):" + _listing(problems)
+            + f"\nGive every structure a finite {energy_key}, or remove it from the pool."
+        )
+    return energies
+
+
+def _check_refs(raw: _Raw, names, ref_key) -> np.ndarray | None:
+    if not raw.has_ref:
+        return None
+    refs = np.full(len(names), np.nan)
+    problems = []
+    for i, (rec, name) in enumerate(zip(raw.records, names)):
+        if rec.ref is None or (isinstance(rec.ref, str) and rec.ref.strip() == ""):
+            continue
+        value = _to_float(rec.ref)
+        if value is None or math.isinf(value):
+            problems.append(f"{_label(rec, name)}: {ref_key} = {rec.ref!r} is not a number")
+        else:
+            refs[i] = value
+    if problems:
+        raise InputError(
+            f"{raw.energy_file}: unusable {ref_key} values:" + _listing(problems)
+            + f"\nGive a number (or leave {ref_key} out) for each structure."
+        )
+    return refs
+
+
+def _composition_per_molecule(atoms: Atoms, apm: int):
+    """Sorted (Z, count per molecule) pairs, or None when the cell is not whole molecules."""
+    n = len(atoms)
+    if n == 0 or n % apm:
+        return None
+    n_mol = n // apm
+    z, c = np.unique(atoms.numbers, return_counts=True)
+    if np.any(c % n_mol):
+        return None
+    return tuple(zip(z.tolist(), (c // n_mol).tolist()))
+
+
+def _check_molecules(raw: _Raw, names, apm_given) -> tuple[int, dict[int, str]]:
+    """Return (atoms_per_molecule, {index: problem}) for structures not made of the pool's molecule.
+
+    Without ``apm_given`` the molecule is the bonded molecule of the first structure whose cell
+    is made of identical molecules; every structure must consist of that molecule only. With
+    ``apm_given`` (e.g. a salt, whose formula unit is not one bonded molecule) each cell's
+    composition per formula unit must equal the first structure's.
+    """
+    recs = raw.records
+    bad: dict[int, str] = {}
+    if apm_given is not None:
+        apm = int(apm_given)
+        if apm <= 0:
+            raise InputError(f"atoms_per_molecule must be a positive integer, got {apm_given!r}")
+        reference = None
+        for i, rec in enumerate(recs):
+            comp = _composition_per_molecule(rec.atoms, apm)
+            if comp is None:
+                bad[i] = (
+                    f"{len(rec.atoms)} atoms of composition {rec.atoms.get_chemical_formula('hill')} "
+                    f"are not a whole number of {apm}-atom molecules"
+                )
+            elif reference is None:
+                reference = (comp, names[i])
+            elif comp != reference[0]:
+                bad[i] = (
+                    f"composition {rec.atoms.get_chemical_formula('hill')} differs from the "
+                    f"molecule of {reference[1]!r}"
+                )
+        return apm, bad
+
+    reference = None  # (formula, atoms per molecule, name)
+    for i, rec in enumerate(recs):
+        try:
+            formulas = molecule_formulas(rec.atoms)
+        except Exception as exc:  # e.g. a degenerate cell
+            bad[i] = f"cannot find its molecules ({type(exc).__name__}: {exc})"
+            continue
+        if not formulas:
+            bad[i] = "the structure has no atoms"
+            continue
+        kinds = set(formulas)
+        if len(kinds) != 1:
+            bad[i] = (
+                f"molecules of different formulas ({_describe_molecules(formulas)}): a broken "
+                "molecule or a mixture"
+            )
+            continue
+        formula = formulas[0]
+        if reference is None:
+            reference = (formula, len(rec.atoms) // len(formulas), names[i])
+        elif formula != reference[0]:
+            bad[i] = (
+                f"made of {formula} molecules, not {reference[0]} like {reference[2]!r}: "
+                "another molecule, or molecules merged"
+            )
+    if reference is None:
+        return 0, bad
+    return reference[1], bad
+
+
+def _validate(raw: _Raw, source: str, unit: str, energy_key, ref_key, apm_given, on_bad_molecule) -> Pool:
+    if not raw.records:
+        raise InputError(f"{source}: the pool is empty (no structures). {_WHAT_SOURCES}.")
+    for note in raw.notes:
+        warnings.warn(note, stacklevel=3)
+    names = _check_names(raw, source)
+    energies = _check_energies(raw, names, energy_key, unit)
+    refs = _check_refs(raw, names, ref_key)
+    if apm_given is None:
+        apm_given = raw.apm_hint
+    apm, bad = _check_molecules(raw, names, apm_given)
+    if bad:
+        problems = [f"{_label(raw.records[i], names[i])}: {why}" for i, why in bad.items()]
+        if on_bad_molecule == "error" or len(bad) == len(raw.records):
+            raise InputError(
+                f"{source}: {len(bad)} structure(s) are not made of the pool's molecule"
+                + (f" ({apm} atoms)" if apm else "")
+                + ":" + _listing(problems)
+                + "\nRemove them from the pool, or read it with on_bad_molecule='skip' to drop them "
+                "(e.g. structures whose molecules broke in the force-field relaxation)."
+            )
+        warnings.warn(
+            f"{source}: dropped {len(bad)} structure(s) not made of the pool's molecule:"
+            + _listing(problems),
+            stacklevel=3,
+        )
+    keep = [i for i in range(len(raw.records)) if i not in bad]
+    frames = [raw.records[i].atoms for i in keep]
+    status = None
+    if raw.has_status:
+        status = [str(raw.records[i].status) if raw.records[i].status is not None else "" for i in keep]
+    return Pool(
+        frames=frames,
+        names=[names[i] for i in keep],
+        energy_ff=energies[keep],
+        n_atoms=np.array([len(a) for a in frames], dtype=int),
+        atoms_per_molecule=int(apm),
+        unit=unit,
+        source=source,
+        energy_ref=None if refs is None else refs[keep],
+        status=status,
+    )
+
+
+def read_pool(
+    path,
+    unit: str,
+    energy_key: str = "energy_ff",
+    name_key: str = "name",
+    energies_csv=None,
+    atoms_per_molecule: int | None = None,
+    ref_key: str = "energy_ref",
+    on_bad_molecule: str = "error",
+    status_key: str = "status",
+) -> Pool:
+    """Return the validated :class:`Pool` read from ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Extended-XYZ (or any multi-frame ASE format) file, directory of VASP files, or ASE ``.db``.
+    unit : str
+        Unit of the energies in the source (totals per cell), e.g. "kJ/mol", "eV".
+    energy_key, name_key, ref_key, status_key : str
+        Keys (info keys, key-value pairs or CSV columns) of the force-field energy, the
+        structure name, the optional reference energy and the optional status column.
+    energies_csv : str or Path, optional
+        Energy table of a VASP directory (default ``<path>/energies.csv``).
+    atoms_per_molecule : int, optional
+        Atoms per molecule; default: found from the bonded connectivity of the first structure.
+    on_bad_molecule : {"error", "skip"}
+        What to do with structures not made of the pool's molecule (broken molecules, another
+        molecule): raise an InputError listing them, or drop them with a warning listing them.
+
+    Raises
+    ------
+    InputError
+        Unknown unit, missing or unreadable file, empty pool, missing / NaN / infinite energy,
+        duplicate names, structures of another molecule or with broken molecules.
+    """
+    path = Path(path)
+    try:
+        unit = check_unit(unit)
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if on_bad_molecule not in ("error", "skip"):
+        raise ValueError(f"on_bad_molecule must be 'error' or 'skip', got {on_bad_molecule!r}")
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory; check the path of the generation pool.")
+    keys = (name_key, energy_key, ref_key, status_key)
+    if path.is_dir():
+        raw = _read_vasp_dir(path, energies_csv, *keys)
+    elif path.suffix.lower() == ".db":
+        raw = _read_db(path, unit, *keys)
+    else:
+        raw = _read_ase_file(path, *keys)
+    return _validate(raw, str(path), unit, energy_key, ref_key, atoms_per_molecule, on_bad_molecule)
+
+
+# --------------------------------------------------------------------------------------------
+# The campaign's own copy of the pool: an ASE SQLite database
+# --------------------------------------------------------------------------------------------
+
+
+def _name_fits_key_value(name: str) -> bool:
+    try:
+        ase.db.core.check({"name": name})
+    except ValueError:
+        return False
+    return True
+
+
+def write_pool_db(pool: Pool, path) -> None:
+    """Write ``pool`` to an ASE SQLite database at ``path`` (replacing any file there).
+
+    Row id = pool index + 1; key-value pairs ``name``, ``energy_ff`` (total per cell, in
+    ``pool.unit``), ``energy_ref`` (where known), ``status`` (where known), ``n_molecules``; the
+    database metadata holds ``unit``, ``atoms_per_molecule`` and ``source``. A name that ASE
+    would read back as a number is kept in the row's data instead.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.db")
+    if tmp.exists():
+        tmp.unlink()
+    db = ase.db.connect(str(tmp), type="db", append=False)
+    with db:
+        for i, atoms in enumerate(pool.frames):
+            kv = {
+                "energy_ff": float(pool.energy_ff[i]),
+                "n_molecules": int(pool.n_atoms[i] // pool.atoms_per_molecule),
+            }
+            data = {}
+            if _name_fits_key_value(pool.names[i]):
+                kv["name"] = pool.names[i]
+            else:
+                data["name"] = pool.names[i]
+            if pool.energy_ref is not None and np.isfinite(pool.energy_ref[i]):
+                kv["energy_ref"] = float(pool.energy_ref[i])
+            if pool.status is not None and pool.status[i]:
+                kv["status"] = pool.status[i]
+            bare = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+            row_id = db.write(bare, key_value_pairs=kv, data=data)
+            assert row_id == i + 1, "a fresh database numbers rows from 1"
+    db.metadata = {
+        "graceq_pool": 1,
+        "unit": pool.unit,
+        "atoms_per_molecule": int(pool.atoms_per_molecule),
+        "source": str(pool.source),
+        "has_energy_ref": pool.energy_ref is not None,
+        "has_status": pool.status is not None,
+    }
+    tmp.replace(path)  # readers never see a half-written pool
+
+
+def read_pool_db(path) -> Pool:
+    """Return the Pool stored by :func:`write_pool_db` (no re-validation: graceq wrote it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such pool database; was the campaign initialised?")
+    db = _open_db(path)
+    meta = db.metadata or {}
+    if "unit" not in meta or "atoms_per_molecule" not in meta:
+        raise InputError(
+            f"{path}: an ASE database without graceq's pool metadata (unit, atoms_per_molecule); "
+            "read it with read_pool(path, unit=...) instead."
+        )
+    frames, names, e_ff, e_ref, status = [], [], [], [], []
+    for row in db.select(sort="id"):
+        frames.append(row.toatoms())
+        names.append(str(_row_name(row, "name")))
+        e_ff.append(row.get("energy_ff"))
+        e_ref.append(row.get("energy_ref", np.nan))
+        status.append(row.get("status", ""))
+    return Pool(
+        frames=frames,
+        names=names,
+        energy_ff=np.asarray(e_ff, dtype=float),
+        n_atoms=np.array([len(a) for a in frames], dtype=int),
+        atoms_per_molecule=int(meta["atoms_per_molecule"]),
+        unit=check_unit(meta["unit"]),
+        source=str(meta.get("source", path)),
+        energy_ref=np.asarray(e_ref, dtype=float) if meta.get("has_energy_ref") else None,
+        status=status if meta.get("has_status") else None,
+    )
+
+
+def read_frames_db(path, indices: Iterable[int]) -> list[Atoms]:
+    """Return the structures at pool ``indices`` (0-based) from a pool database."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such pool database.")
+    db = _open_db(path)
+    out = []
+    for i in indices:
+        try:
+            out.append(db.get(id=int(i) + 1).toatoms())
+        except KeyError:
+            raise InputError(f"{path}: no structure with pool index {i} (row id {int(i) + 1}).") from None
+    return out
