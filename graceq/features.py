@@ -74,6 +74,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from threadpoolctl import threadpool_limits
 
 __all__ = ["species_of", "soap_hypers", "CompressedSoap"]
 
@@ -315,19 +316,19 @@ class CompressedSoap(TransformerMixin, BaseEstimator):
         covariance = np.zeros((len(species), n_l, n_max, n_max))
         n_centers = 0
         calculator, keys = self._calculator(), self._selected_keys()
-        for start, batch in self._batches(frames):
-            expansion = self._expansion(calculator, keys, batch)
-            _check_radial_order(expansion, n_max)
-            for l, zn, block in _blocks(expansion):
-                values = block.values  # (centres with such neighbours, 2l+1, n_max)
-                if values.shape[0] == 0:
-                    continue
-                a = index[zn]
-                flat = values.reshape(-1, n_max)
-                covariance[a, l] += flat.T @ flat
-            n_centers += sum(len(atoms) for atoms in batch)
-            if progress is not None:
-                progress(start + len(batch))
+        with _single_threaded_blas():  # does not touch featomic's rayon threads
+            for start, batch in self._batches(frames):
+                expansion = self._expansion(calculator, keys, batch)
+                _check_radial_order(expansion, n_max)
+                for l, zn, block in _blocks(expansion):
+                    values = block.values  # (centres with such neighbours, 2l+1, n_max)
+                    if values.shape[0] == 0:
+                        continue
+                    flat = values.reshape(-1, n_max)
+                    covariance[index[zn], l] += flat.T @ flat
+                n_centers += sum(len(atoms) for atoms in batch)
+                if progress is not None:
+                    progress(start + len(batch))
         covariance /= n_centers
 
         projection = np.zeros((len(species), n_l, n_max, k))
@@ -378,11 +379,12 @@ class CompressedSoap(TransformerMixin, BaseEstimator):
         self._validate_frames(frames)
         out = np.empty((len(frames), self.n_features))
         calculator, keys = self._calculator(), self._selected_keys()
-        for start, batch in self._batches(frames):
-            expansion = self._expansion(calculator, keys, batch)
-            out[start : start + len(batch)] = self._crystal_features(expansion, batch)
-            if progress is not None:
-                progress(start + len(batch))
+        with _single_threaded_blas():  # does not touch featomic's rayon threads
+            for start, batch in self._batches(frames):
+                expansion = self._expansion(calculator, keys, batch)
+                out[start : start + len(batch)] = self._crystal_features(expansion, batch)
+                if progress is not None:
+                    progress(start + len(batch))
         return out
 
     def compressed_coefficients(self, expansion, batch) -> list[np.ndarray]:
@@ -496,6 +498,16 @@ def _leading_eigenvectors(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pivot = vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])]
     vectors = vectors * np.where(pivot < 0, -1.0, 1.0)
     return values, vectors
+
+
+def _single_threaded_blas():
+    """Limit BLAS to one thread for the small matrix products of this module.
+
+    The products are small (25 x 25 outputs); a multi-threaded BLAS gains nothing on them, and its
+    spinning threads starve featomic's rayon threads on a busy machine (measured: 10x slower
+    featurisation with 2 BLAS threads on an oversubscribed 2-core worker).
+    """
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _blocks(expansion):
