@@ -129,6 +129,15 @@ def _kb_literal(model, b):
     return b
 
 
+def _primal_inverse(rows_X, alpha):
+    """Return ``[1 X]^T [1 X] + diag(0, lambda, ...)`` inverted, per member: rows_X (m, R, p)."""
+    m, _, p = rows_X.shape
+    Xa = np.concatenate([np.ones(rows_X.shape[:2] + (1,)), rows_X], axis=2)
+    A = np.einsum("mnp,mnq->mpq", Xa, Xa)
+    A[:, 1:, 1:] += alpha * np.eye(p)
+    return np.linalg.inv(A)
+
+
 def _kb_fast(model, b):
     X_tr, alpha, subsets = model.X_train_, model.alpha_, model.subsets_
     m, n_sub = subsets.shape
@@ -138,27 +147,27 @@ def _kb_fast(model, b):
     Xt = X_tr - shift
     Xq = b.X - shift
     ei = b.ei_of(slice(None), F)
-    dual = p > n_sub
+    believed = []                                       # candidate rows believed so far
+    # The dual (bordered Gram) system is well conditioned while a member's rows are affinely
+    # independent (at most p + 1 of them), the primal one once they are at least p + 1: use the
+    # dual while rows <= p + 1 and switch to the primal for good when more are added.
+    dual = n_sub <= p + 1
     if dual:
         Kp = Xq @ Xt.T                                  # pool x train Gram, once
         G = Xt @ Xt.T
         d0 = 1 + n_sub
-        Minv = np.zeros((m, d0 + b.n_batch, d0 + b.n_batch))
+        d_max = d0 + min(b.n_batch, p + 1 - n_sub)
+        Minv = np.zeros((m, d_max, d_max))
         M = np.zeros((m, d0, d0))
         M[:, 0, 1:] = 1.0
         M[:, 1:, 0] = 1.0
         M[:, 1:, 1:] = G[subsets[:, :, None], subsets[:, None, :]] + alpha * np.eye(n_sub)
         Minv[:, :d0, :d0] = np.linalg.inv(M)
         del M
-        Kz = np.zeros((len(Xq), b.n_batch))             # pool x believed Gram, a column per pick
+        Kz = np.zeros((len(Xq), d_max - d0))            # pool x believed Gram, a column per pick
         member_idx = np.arange(m)[:, None]
     else:
-        Xa = np.hstack([np.ones((len(Xq), 1)), Xq])     # [1, x]: intercept first
-        A = np.einsum("mnp,mnq->mpq", *(2 * [np.concatenate(
-            [np.ones((m, n_sub, 1)), Xt[subsets]], axis=2)]))
-        A[:, 1:, 1:] += alpha * np.eye(p)
-        Ainv = np.linalg.inv(A)
-        del A
+        Ainv = _primal_inverse(Xt[subsets], alpha)
     for j in range(b.n_batch):
         row, best_ei = _argmax_open(ei, b.open)
         b.take(row, best_ei)
@@ -166,6 +175,11 @@ def _kb_fast(model, b):
             break
         f_z = F[row].copy()
         dev = f_z.mean() - f_z                          # believed label minus each member
+        if dual and n_sub + j >= p + 1:                 # the next row would break affine independence
+            dual = False
+            del Minv, Kp, Kz
+            rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Xq[believed], (m, j, p))], axis=1)
+            Ainv = _primal_inverse(rows_X, alpha)
         if dual:
             d = d0 + j
             c = np.empty((m, d))
@@ -186,10 +200,12 @@ def _kb_fast(model, b):
             Minv[:, d, :d] = -gs
             Minv[:, d, d] = 1.0 / s
         else:
-            h = Ainv @ Xa[row]                          # (m, p+1)
-            s = 1.0 + h @ Xa[row]
-            F += (Xa @ h.T) * (dev / s)
+            xa = np.concatenate([[1.0], Xq[row]])
+            h = Ainv @ xa                               # (m, p+1)
+            s = 1.0 + h @ xa
+            F += (Xq @ h[:, 1:].T + h[:, 0]) * (dev / s)
             Ainv -= h[:, :, None] * (h / s[:, None])[:, None, :]
+        believed.append(row)
         ei = b.ei_of(slice(None), F)
     return b
 

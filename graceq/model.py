@@ -17,12 +17,18 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import KFold
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 
-DEFAULT_ALPHAS = np.logspace(-10, 1, 12)
+# A tuple (not an array) so that scikit-learn can compare it with a parameter in repr/clone.
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-10, 1, 12))
 
 # Members solved together per batched LAPACK call: bounds the (chunk, n_sub, n_sub) work array.
 _MEMBER_CHUNK = 32
+
+
+def _n_train(n_labelled, train_fraction):
+    # 1e-9 absorbs float products such as 0.57 * 100 = 56.99999999999999
+    return min(int(np.floor(train_fraction * n_labelled + 1e-9)), n_labelled - 1)
 
 
 def chronological_split(n_labelled: int, train_fraction: float = 0.8, cv: int = 5):
@@ -36,13 +42,14 @@ def chronological_split(n_labelled: int, train_fraction: float = 0.8, cv: int = 
     n_labelled = int(n_labelled)
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    n_train = min(int(np.floor(train_fraction * n_labelled)), n_labelled - 1)
+    n_train = _n_train(n_labelled, train_fraction)
     if n_train < cv:
+        need = next(k for k in range(cv + 1, 100 * cv + 100) if _n_train(k, train_fraction) >= cv)
         raise ValueError(
             f"{n_labelled} labelled structures are too few for a chronological "
             f"{train_fraction:.0%}/{1 - train_fraction:.0%} split with {cv}-fold cross-validation: "
             f"the train set would hold {max(n_train, 0)} structures (need >= {cv}) and the test set "
-            f">= 1; label at least {int(np.ceil((cv + 1) / train_fraction))} structures first")
+            f">= 1; label at least {need} structures first")
     order = np.arange(n_labelled)
     return order[:n_train], order[n_train:]
 
@@ -84,7 +91,8 @@ def select_ridge_alpha(X, y, alphas=DEFAULT_ALPHAS, cv: int = 5):
     if np.any(alphas <= 0):
         raise ValueError(f"ridge alphas must be > 0, got {alphas}")
     if X.shape[0] < cv:
-        raise ValueError(f"{X.shape[0]} train structures are too few for {cv}-fold cross-validation")
+        raise ValueError(f"n_samples = {X.shape[0]} train structures are too few for "
+                         f"{cv}-fold cross-validation of the ridge lambda")
     fold_rmse = []
     for train, test in KFold(cv).split(X):
         pred = _ridge_path_predictions(X[train], y[train], X[test], alphas)
@@ -180,7 +188,7 @@ class CommitteeRidge(RegressorMixin, BaseEstimator):
 
     def fit(self, X, y):
         """Choose lambda by CV on ``(X, y)``, draw the subsets and fit every member."""
-        X, y = check_X_y(X, y, dtype=np.float64, y_numeric=True)
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         alpha, cv_rmse = select_ridge_alpha(X, y, self.alphas, self.cv)
         subsets = self.draw_subsets(X.shape[0])
         coef, intercept = fit_members(X, y, alpha, subsets)
@@ -221,7 +229,7 @@ class CommitteeRidge(RegressorMixin, BaseEstimator):
     def predict_members(self, X) -> np.ndarray:
         """Return every member's (uncalibrated) prediction, shape ``(n_samples, n_members)``."""
         check_is_fitted(self, "coef_")
-        X = check_array(X, dtype=np.float64)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
         return X @ self.coef_.T + self.intercept_
 
     def calibrate(self, X_test, y_test):

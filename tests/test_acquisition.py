@@ -1,0 +1,122 @@
+"""Expected Improvement against the textbook formula; fast Kriging-Believer against the literal
+scikit-learn refit recipe."""
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from graceq.acquisition import expected_improvement, kriging_believer
+from graceq.model import CommitteeRidge
+
+
+def test_ei_equals_textbook_formula():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(0, 3, 500)
+    sigma = rng.uniform(0.1, 2, 500)
+    best, window = -2.0, 1.5
+    T = best + window
+    z = (T - mu) / sigma
+    direct = (T - mu) * norm.cdf(z) + sigma * norm.pdf(z)
+    np.testing.assert_allclose(expected_improvement(mu, sigma, best, window), direct,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_ei_zero_sigma_and_far_tail():
+    assert expected_improvement(np.array([-5.0, 5.0]), np.array([0.0, 0.0]), 0.0, 1.0).tolist() == [0, 0]
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    for z in [-8.0, -15.0, -30.0]:
+        exact = float(z * mpmath.ncdf(z) + mpmath.npdf(z))      # EI / sigma at T - mu = z sigma
+        got = expected_improvement(np.array([-z * 2.0]), np.array([2.0]), 0.0, 0.0)[0] / 2.0
+        assert got == pytest.approx(exact, rel=1e-9)
+
+
+def soap_like(rng, n, p, noise, rank=6):
+    latent = rng.normal(size=(n, rank))
+    X = np.abs(latent @ rng.normal(size=(rank, p))) / rank + 0.05 * rng.random((n, p))
+    y = X @ rng.normal(size=p) / np.sqrt(p) + 0.1 * np.sin(latent[:, 0]) + noise * rng.normal(size=n)
+    return X, y
+
+
+# n_labelled, p, noise, alphas: dual (p > n_sub) and primal (p < n_sub), smooth and noisy,
+# lambda chosen by CV and forced to both ends of the grid
+CASES = [
+    (100, 200, 0.01, None),
+    (100, 200, 0.5, None),
+    (100, 200, 0.05, [1e-10]),
+    (100, 200, 0.05, [10.0]),
+    (150, 12, 0.01, None),
+    (150, 12, 0.5, [1e-10]),
+    (150, 12, 0.05, [10.0]),
+    (60, 30, 0.1, [1e-10]),            # p > n_sub, but p < n_sub + believed rows
+]
+
+
+def campaign(n_labelled, p, noise, alphas, seed, n_pool=250):
+    rng = np.random.default_rng(seed)
+    X, y = soap_like(rng, n_labelled + n_pool, p, noise)
+    n_train = int(0.8 * n_labelled)
+    kw = {} if alphas is None else {"alphas": alphas}
+    model = CommitteeRidge(n_members=24, random_state=seed, **kw).fit(X[:n_train], y[:n_train])
+    model.calibrate(X[n_train:n_labelled], y[n_train:n_labelled])
+    X_pool = X[n_labelled:]
+    offset = rng.normal(0.0, 0.3, n_pool)            # force-field energy per molecule
+    scale = rng.choice([8.0, 12.0], n_pool)          # atoms per molecule
+    energy = offset + scale * model.predict(X_pool)
+    best = np.sort(energy)[3]
+    window = 0.5 * energy.std()
+    return model, X_pool, offset, scale, best, window
+
+
+@pytest.mark.parametrize("n_labelled, p, noise, alphas", CASES)
+def test_fast_kriging_believer_equals_literal(n_labelled, p, noise, alphas):
+    model, X_pool, offset, scale, best, window = campaign(n_labelled, p, noise, alphas, seed=p)
+    if alphas is not None:
+        assert model.alpha_ == alphas[0]
+    candidates = np.arange(len(X_pool))[::-1][5:]    # reversed order, a few rows labelled
+    args = (model, X_pool, candidates, best, window, 10, offset, scale)
+    lit, ei_lit = kriging_believer(*args, method="literal", return_ei=True)
+    fast, ei_fast = kriging_believer(*args, method="fast", return_ei=True)
+    np.testing.assert_array_equal(fast, lit)
+    np.testing.assert_allclose(ei_fast, ei_lit, rtol=1e-6)
+    assert np.all(ei_lit > 0)
+    assert set(fast.tolist()) <= set(candidates.tolist()) and len(set(fast.tolist())) == 10
+
+
+def test_believer_changes_the_picks_compared_with_top_ei():
+    """The believed points must matter, or the comparison above could not fail."""
+    differs = 0
+    for n_labelled, p, noise, alphas in CASES:
+        model, X_pool, offset, scale, best, window = campaign(n_labelled, p, noise, alphas, seed=p)
+        picks = kriging_believer(model, X_pool, np.arange(len(X_pool)), best, window, 10,
+                                 offset, scale)
+        mu, sd = model.predict(X_pool, return_std=True)
+        ei = expected_improvement(offset + scale * mu, scale * sd, best, window)
+        differs += not np.array_equal(picks, np.argsort(-ei, kind="stable")[:10])
+        assert picks[0] == np.argmax(ei)
+    assert differs >= len(CASES) // 2
+
+
+def test_scalar_offset_scale_and_capped_batch():
+    model, X_pool, _, _, best, window = campaign(100, 200, 0.05, None, seed=1, n_pool=30)
+    candidates = np.array([3, 7, 11, 20])
+    for method in ("fast", "literal"):
+        picks = kriging_believer(model, X_pool, candidates, best / 10, window / 10, 50,
+                                 offset=0.0, scale=1.0, method=method)
+        assert sorted(picks.tolist()) == candidates.tolist()
+    fast = kriging_believer(model, X_pool, candidates, best / 10, window / 10, 4, method="fast")
+    lit = kriging_believer(model, X_pool, candidates, best / 10, window / 10, 4, method="literal")
+    np.testing.assert_array_equal(fast, lit)
+
+
+def test_kriging_believer_rejects_bad_input():
+    model, X_pool, _, _, best, window = campaign(100, 200, 0.05, None, seed=2, n_pool=20)
+    with pytest.raises(ValueError, match="unknown Kriging-Believer method"):
+        kriging_believer(model, X_pool, np.arange(20), best, window, 3, method="exact")
+    with pytest.raises(ValueError, match="features"):
+        kriging_believer(model, X_pool[:, :5], np.arange(20), best, window, 3)
+    with pytest.raises(ValueError, match="offset"):
+        kriging_believer(model, X_pool, np.arange(20), best, window, 3, offset=np.zeros(3))
+    with pytest.raises(ValueError, match="repeated"):
+        kriging_believer(model, X_pool, [1, 1, 2], best, window, 2)
+    assert len(kriging_believer(model, X_pool, [], best, window, 3)) == 0

@@ -1,0 +1,153 @@
+"""CommitteeRidge against scikit-learn: lambda choice, every member, calibration formula."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.utils.estimator_checks import check_estimator
+
+from graceq.model import (DEFAULT_ALPHAS, CommitteeRidge, chronological_split, fit_members,
+                          select_ridge_alpha)
+
+
+def soap_like(rng, n, p, noise, rank=6):
+    """Positive, correlated features (like averaged SOAP) and a smooth target plus noise."""
+    latent = rng.normal(size=(n, rank))
+    X = np.abs(latent @ rng.normal(size=(rank, p))) / rank + 0.05 * rng.random((n, p))
+    y = X @ rng.normal(size=p) / np.sqrt(p) + 0.02 * np.sin(latent[:, 0]) + noise * rng.normal(size=n)
+    return X, y
+
+
+# (n, p, noise): dual (p > n) and primal (p < n), smooth and noisy targets
+SHAPES = [(60, 150, 0.001), (60, 150, 0.3), (150, 12, 0.001), (150, 12, 0.3), (80, 300, 0.0)]
+
+
+def test_chronological_split_keeps_order_and_rounds_down():
+    train, test = chronological_split(11)
+    assert train.tolist() == list(range(8)) and test.tolist() == [8, 9, 10]
+    train, test = chronological_split(10)
+    assert len(train) == 8 and test.tolist() == [8, 9]
+    with pytest.raises(ValueError, match="too few.*label at least 7"):  # floor(4.8) = 4 < 5
+        chronological_split(6)
+    train, test = chronological_split(7)
+    assert len(train) == 5 and len(test) == 2
+
+
+def test_chronological_split_always_leaves_a_test_structure():
+    train, test = chronological_split(6, train_fraction=0.99)
+    assert len(train) == 5 and test.tolist() == [5]
+
+
+@pytest.mark.parametrize("n, p, noise", SHAPES)
+def test_select_ridge_alpha_equals_gridsearchcv(n, p, noise):
+    X, y = soap_like(np.random.default_rng(n + p), n, p, noise)
+    alpha, cv_rmse = select_ridge_alpha(X, y)
+    search = GridSearchCV(Ridge(), {"alpha": list(DEFAULT_ALPHAS)}, cv=KFold(5),
+                          scoring="neg_root_mean_squared_error").fit(X, y)
+    assert alpha == search.best_params_["alpha"]
+    np.testing.assert_allclose(cv_rmse, -search.cv_results_["mean_test_score"], rtol=1e-8)
+
+
+def test_select_ridge_alpha_picks_interior_lambdas():
+    """Not every case may end at the top of the grid, or the comparison above proves little."""
+    chosen = set()
+    for n, p, noise in SHAPES:
+        X, y = soap_like(np.random.default_rng(n + p), n, p, noise)
+        chosen.add(select_ridge_alpha(X, y)[0])
+    assert len(chosen) >= 3
+
+
+def test_select_ridge_alpha_first_of_equal_scores():
+    X, y = soap_like(np.random.default_rng(0), 40, 8, 0.1)
+    alpha, cv_rmse = select_ridge_alpha(X, y, alphas=[0.1, 0.1, 0.1])
+    assert alpha == 0.1 and np.all(cv_rmse == cv_rmse[0])
+
+
+@pytest.mark.parametrize("n, p, noise", SHAPES)
+@pytest.mark.parametrize("alpha", [1e-10, 1e-3, 10.0])
+def test_members_equal_sklearn_ridge(n, p, noise, alpha):
+    X, y = soap_like(np.random.default_rng(7 * n + p), n, p, noise)
+    model = CommitteeRidge(n_members=40, alphas=[alpha]).fit(X, y)
+    assert model.alpha_ == alpha
+    for i, rows in enumerate(model.subsets_):
+        ref = Ridge(alpha=alpha).fit(X[rows], y[rows])
+        scale = np.linalg.norm(ref.coef_)
+        assert np.linalg.norm(model.coef_[i] - ref.coef_) <= 1e-8 * scale
+        pred = X @ model.coef_[i] + model.intercept_[i]
+        np.testing.assert_allclose(pred, ref.predict(X), rtol=1e-8, atol=1e-10 * np.abs(y).max())
+
+
+def test_subsets_are_without_replacement_seeded_and_shared_with_draw_subsets():
+    X, y = soap_like(np.random.default_rng(1), 41, 10, 0.1)
+    model = CommitteeRidge(n_members=30, subsample=0.5, random_state=3).fit(X, y)
+    assert model.subsets_.shape == (30, 20)          # round(20.5) = 20
+    for rows in model.subsets_:
+        assert len(np.unique(rows)) == len(rows)
+    np.testing.assert_array_equal(model.draw_subsets(41), model.subsets_)
+    other = CommitteeRidge(n_members=30, random_state=4).draw_subsets(41)
+    assert not np.array_equal(other, model.subsets_)
+
+
+def test_from_members_equals_fit_with_members_fitted_in_slices():
+    X, y = soap_like(np.random.default_rng(2), 70, 120, 0.2)
+    model = CommitteeRidge(n_members=20, random_state=5).fit(X, y)
+    template = CommitteeRidge(n_members=20, random_state=5)
+    subsets = template.draw_subsets(len(X))
+    alpha, cv_rmse = select_ridge_alpha(X, y)
+    parts = [fit_members(X, y, alpha, subsets[lo:lo + 7]) for lo in range(0, 20, 7)]
+    coef = np.vstack([c for c, _ in parts])
+    intercept = np.concatenate([b for _, b in parts])
+    rebuilt = CommitteeRidge.from_members(X, y, alpha, subsets, coef, intercept,
+                                          cv_rmse=cv_rmse, n_members=20, random_state=5)
+    assert rebuilt.alpha_ == model.alpha_
+    np.testing.assert_allclose(rebuilt.coef_, model.coef_, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rebuilt.intercept_, model.intercept_, rtol=1e-12)
+    np.testing.assert_allclose(rebuilt.predict(X), model.predict(X), rtol=1e-12)
+    np.testing.assert_array_equal(rebuilt.cv_rmse_, model.cv_rmse_)
+    with pytest.raises(ValueError, match="n_members"):
+        CommitteeRidge.from_members(X, y, alpha, subsets[:5], coef[:5], intercept[:5], n_members=20)
+
+
+def test_calibration_equals_formula_and_scales_std_only():
+    rng = np.random.default_rng(3)
+    X, y = soap_like(rng, 120, 60, 0.3)
+    model = CommitteeRidge(n_members=32).fit(X[:90], y[:90])
+    mean_before, std_before = model.predict(X[90:], return_std=True)
+    model.calibrate(X[90:], y[90:])
+    members = np.array([[X[k] @ model.coef_[i] + model.intercept_[i] for i in range(32)]
+                        for k in range(90, 120)])
+    ybar = members.mean(axis=1)
+    sigma = members.std(axis=1, ddof=1)
+    alpha2 = -1 / 32 + (32 - 3) / (32 - 1) * np.mean((y[90:] - ybar) ** 2 / sigma ** 2)
+    assert alpha2 > 0
+    assert model.calibration_ == pytest.approx(np.sqrt(alpha2), rel=1e-12)
+    assert model.calibration_warning_ is None
+    assert model.test_rmse_ == pytest.approx(np.sqrt(np.mean((y[90:] - ybar) ** 2)), rel=1e-12)
+    mean_after, std_after = model.predict(X[90:], return_std=True)
+    np.testing.assert_allclose(mean_after, mean_before, rtol=1e-14)
+    np.testing.assert_allclose(std_after, np.sqrt(alpha2) * std_before, rtol=1e-12)
+
+
+def test_calibration_guard_when_alpha_squared_is_not_positive():
+    rng = np.random.default_rng(4)
+    X, y = soap_like(rng, 100, 30, 0.3)
+    model = CommitteeRidge(n_members=16).fit(X[:80], y[:80])
+    perfect = model.predict(X[80:])                 # zero residual -> alpha^2 = -1/m
+    model.calibrate(X[80:], perfect)
+    assert model.calibration_alpha2_ == pytest.approx(-1 / 16)
+    assert model.calibration_ == pytest.approx(0.25)
+    assert "floored" in model.calibration_warning_
+    assert model.test_rmse_ == pytest.approx(0.0, abs=1e-12)
+
+
+def test_calibration_rejects_identical_members():
+    X, y = soap_like(np.random.default_rng(5), 40, 5, 0.1)
+    model = CommitteeRidge(n_members=4, subsample=1.0).fit(X, y)
+    with pytest.raises(ValueError, match="zero committee spread"):
+        model.calibrate(X[:5], y[:5])
+
+
+def test_scikit_learn_estimator_checks():
+    failed = [r for r in check_estimator(CommitteeRidge(n_members=4), on_fail=None)
+              if r["status"] == "failed"]
+    assert failed == []
