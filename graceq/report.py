@@ -1,20 +1,28 @@
-"""What a campaign tells its user: summary.json, a CSV of every structure, and plots.
+"""What a campaign tells its user: summary.json, a CSV of every structure, plots and report.html.
 
 All energies here are per molecule in the campaign unit; relative energies are measured from the
-best reference energy found so far.
+best reference energy found so far (the putative ground state of the campaign). Densities are in
+g/cm^3, from the pool's structures (atomic masses over cell volume).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from graceq.campaign import per_molecule
+from graceq.campaign import STABLE, per_molecule
 from graceq.config import load_settings
-from graceq.store import CampaignPaths, CampaignStore, atomic_write_json
+from graceq.store import CampaignPaths, CampaignStore, atomic_write_bytes, atomic_write_json
+
+AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660  # 1 amu/Å^3 = 1.66054 g/cm^3
+FIGURE_DPI = 120
+EI_FLOOR_RATIO = 1e-10  # EI below this fraction of the largest EI is drawn at the floor (log axis)
 
 
 def last_predictions(paths: CampaignPaths, iteration: int | None):
@@ -130,3 +138,423 @@ def status_lines(root: str | Path) -> list[str]:
     lines.append(f"reference  {len(running)} running, {queued} waiting")
     store.close()
     return lines
+
+
+# -- plots and report.html ------------------------------------------------------------------------
+@dataclass
+class CampaignRecord:
+    """Everything the plots read, gathered once from a campaign directory.
+
+    Energies are per molecule in `unit`; `energy_ref_pool` is the pool's own reference energy
+    (replay pools and retrospective tests), NaN where the pool did not carry one.
+    """
+
+    root: Path
+    unit: str
+    window: float
+    p_conv_target: float
+    names: np.ndarray
+    n_atoms: np.ndarray
+    energy_ff: np.ndarray            # per molecule
+    energy_ref_pool: np.ndarray      # per molecule, NaN if unknown
+    status_pool: np.ndarray          # the pool's own status key ("" if none)
+    density: np.ndarray              # g/cm^3
+    picks: list                      # (idx, iteration, rank, ei, mu, sigma) in sampling order
+    results: dict                    # idx -> (status, E_ref per molecule or None)
+    iterations: list                 # per-iteration stats, in order
+    predictions: dict                # iteration -> dict(mu, sigma, ei, picks, pick_ei)
+
+    @property
+    def best(self) -> float | None:
+        """Lowest measured reference energy per molecule (stable structures), or None."""
+        values = [e for s, e in self.results.values() if s == STABLE and e is not None]
+        return min(values) if values else None
+
+    @property
+    def iteration_of(self) -> dict:
+        return {p[0]: p[1] for p in self.picks}
+
+    @property
+    def has_reference(self) -> bool:
+        return bool(np.isfinite(self.energy_ref_pool).any())
+
+
+def cell_density_gcm3(atoms) -> float:
+    """Crystal density in g/cm^3: total atomic mass (amu) over cell volume (Å^3)."""
+    return float(atoms.get_masses().sum() / atoms.get_volume() * AMU_PER_A3_TO_G_PER_CM3)
+
+
+def _pool_from_db(path: Path, names: np.ndarray, n_atoms: np.ndarray, apm: int):
+    """Density, pool reference energy per molecule and pool status of every structure in structures.db.
+
+    Rows are matched to the store's structures by their `name` key when the database has one,
+    else by row order (row id = pool index + 1).
+    """
+    from ase.db import connect
+
+    n = len(names)
+    density = np.full(n, np.nan)
+    e_ref = np.full(n, np.nan)
+    status = np.full(n, "", dtype=object)
+    if not path.exists():
+        return density, e_ref, status
+    index = {str(name): i for i, name in enumerate(names)}
+    with connect(path) as db:
+        for k, row in enumerate(db.select()):
+            kv = row.key_value_pairs
+            i = index.get(str(kv.get("name", row.get("name", ""))), k if k < n else None)
+            if i is None:
+                continue
+            density[i] = cell_density_gcm3(row.toatoms())
+            value = kv.get("energy_ref", row.get("energy_ref"))
+            if value is not None and np.isfinite(float(value)):
+                e_ref[i] = float(per_molecule(float(value), n_atoms[i], apm))
+            status[i] = str(kv.get("status", ""))
+    return density, e_ref, status
+
+
+def load_record(root: str | Path) -> CampaignRecord:
+    """Read a campaign directory (store, settings, structures.db, predictions) for the report."""
+    paths = CampaignPaths(root)
+    settings = load_settings(paths.settings)
+    store = CampaignStore(paths.root)
+    try:
+        apm = int(store.get_meta("atoms_per_molecule"))
+        s = store.structures()
+        picks = store.pick_table()
+        results = {
+            idx: (status, None if e is None else float(per_molecule(e, s["n_atoms"][idx], apm)))
+            for idx, status, e, *_ in store.result_table()
+        }
+        iterations = store.iterations()
+    finally:
+        store.close()
+    density, e_ref, status = _pool_from_db(paths.structures, s["name"], s["n_atoms"], apm)
+    predictions = {}
+    for it in iterations:
+        path = paths.iteration(it["iteration"]) / "predictions.npz"
+        if path.exists():
+            with np.load(path) as data:
+                predictions[it["iteration"]] = {k: data[k] for k in data.files}
+    return CampaignRecord(
+        root=paths.root, unit=settings.campaign.unit, window=float(settings.campaign.window),
+        p_conv_target=float(settings.campaign.p_conv_target), names=s["name"], n_atoms=s["n_atoms"],
+        energy_ff=per_molecule(s["energy_ff"], s["n_atoms"], apm), energy_ref_pool=e_ref,
+        status_pool=status, density=density, picks=picks, results=results, iterations=iterations,
+        predictions=predictions,
+    )
+
+
+def _figure(width=8.0, height=5.0, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), **kwargs)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path
+
+
+def _no_data(path: Path, title: str, message: str) -> Path:
+    fig, ax = _figure()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12)
+    ax.set_axis_off()
+    return _save(fig, path)
+
+
+def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
+    """Energy-density landscape: relative reference energy per molecule vs density (g/cm^3).
+
+    Measured structures are coloured by the iteration that sampled them; unstable and failed
+    ones are drawn at the energy predicted when they were picked; the pool's own reference
+    landscape (when known) is drawn in grey beneath; the window above the best is shaded.
+    """
+    import matplotlib.pyplot as plt
+
+    best = rec.best
+    title = "Energy-density landscape"
+    if best is None:
+        return _no_data(path, title, "no reference energy measured yet")
+    u = rec.unit
+    fig, ax = _figure(8.5, 5.5)
+    ax.axhspan(0.0, rec.window, color="tab:green", alpha=0.12, lw=0,
+               label=f"window: best + {rec.window:g} {u}")
+    if rec.has_reference:
+        known = np.isfinite(rec.energy_ref_pool) & (rec.status_pool != "unstable")
+        ax.scatter(rec.density[known], rec.energy_ref_pool[known] - best, s=22, facecolors="none",
+                   edgecolors="0.6", lw=0.8, label=f"pool reference ({known.sum()})", zorder=1)
+        true_top = np.nanmin(rec.energy_ref_pool[known]) + rec.window - best
+        if abs(true_top - rec.window) > 1e-9:
+            ax.axhline(true_top, color="tab:green", ls="--", lw=1, label="window above the pool's true minimum")
+    it_of = rec.iteration_of
+    stable = np.array([i for i, (s, e) in rec.results.items() if s == STABLE and e is not None], dtype=int)
+    n_it = max([p[1] for p in rec.picks], default=0)
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(vmin=0, vmax=max(n_it, 1))
+    if len(stable):
+        energies = np.array([rec.results[i][1] for i in stable]) - best
+        sc = ax.scatter(rec.density[stable], energies, c=[it_of[i] for i in stable], cmap=cmap, norm=norm,
+                        s=30, edgecolors="k", lw=0.3, label=f"measured ({len(stable)})", zorder=3)
+        fig.colorbar(sc, ax=ax, label="iteration sampled (0 = initial batch)")
+    predicted_at_pick = {p[0]: p[4] for p in rec.picks}
+    for outcome, marker, colour in (("unstable", "x", "tab:red"), ("failed", "^", "tab:orange")):
+        rows = [i for i, (s, _) in rec.results.items() if s == outcome]
+        if rows:
+            y = [predicted_at_pick.get(i) if predicted_at_pick.get(i) is not None else rec.energy_ff[i]
+                 for i in rows]
+            ax.scatter(rec.density[rows], np.asarray(y, dtype=float) - best, marker=marker, c=colour, s=40,
+                       label=f"{outcome} ({len(rows)}), at predicted energy", zorder=4)
+    ax.set_xlabel("density (g/cm$^3$)")
+    ax.set_ylabel(f"relative reference energy ({u} per molecule)")
+    ax.set_title(f"{title}: {len(stable)} measured of {len(rec.names)}")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def plot_convergence(rec: CampaignRecord, path: Path) -> Path:
+    """p_conv (with the stopping target), residual and test RMSE per iteration."""
+    title = "Convergence"
+    if not rec.iterations:
+        return _no_data(path, title, "no iteration finished yet")
+    it = np.array([s["iteration"] for s in rec.iterations])
+    calls = [s["n_reference_calls"] for s in rec.iterations]
+    fig, axes = _figure(8.0, 8.0, nrows=3, sharex=True)
+    axes[0].plot(it, [s["p_conv"] for s in rec.iterations], "o-", color="tab:blue")
+    axes[0].axhline(rec.p_conv_target, color="tab:red", ls="--", lw=1, label=f"stop at {rec.p_conv_target:g}")
+    axes[0].set_ylabel("p_conv")
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].plot(it, [s["residual"] for s in rec.iterations], "o-", color="tab:purple")
+    axes[1].set_ylabel("residual\n(expected missing structures)")
+    axes[2].plot(it, [s["test_rmse"] for s in rec.iterations], "o-", color="tab:brown")
+    axes[2].set_ylabel(f"test RMSE\n({rec.unit} per molecule)")
+    axes[2].set_xlabel("iteration")
+    axes[2].set_xticks(it)
+    top = axes[0].secondary_xaxis("top")
+    top.set_xticks(it)
+    top.set_xticklabels([str(c) for c in calls], fontsize=7)
+    top.set_xlabel("reference calls", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: {rec.iterations[-1]['stop'] or 'running'} after iteration {it[-1]}")
+    return _save(fig, path)
+
+
+def plot_expected_improvement(rec: CampaignRecord, path: Path) -> Path:
+    """EI of every unlabelled structure per iteration: sorted curves (left) and a strip (right).
+
+    Log scale; the structures picked next are outlined in red in the strip. EI below
+    EI_FLOOR_RATIO x the largest EI of the campaign is drawn at that floor.
+    """
+    import matplotlib.pyplot as plt
+
+    title = "Expected improvement"
+    its = sorted(k for k, p in rec.predictions.items() if np.isfinite(p["ei"]).any())
+    if not its:
+        return _no_data(path, title, "no EI computed yet")
+    top = max(float(np.nanmax(rec.predictions[k]["ei"])) for k in its)
+    floor = top * EI_FLOOR_RATIO if top > 0 else 1e-12
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(its[0], max(its[-1], its[0] + 1))
+    fig, (left, right) = _figure(12.0, 5.0, ncols=2)
+    rng = np.random.default_rng(0)
+    for k in its:
+        ei = rec.predictions[k]["ei"]
+        values = np.clip(np.sort(ei[np.isfinite(ei)])[::-1], floor, None)
+        colour = cmap(norm(k))
+        left.plot(np.arange(1, len(values) + 1), values, color=colour, lw=1.2)
+        x = k + rng.uniform(-0.3, 0.3, size=len(values))
+        right.scatter(x, values, s=6, color=colour, alpha=0.6, lw=0)
+        picks = np.asarray(rec.predictions[k]["picks"], dtype=int)
+        if len(picks):
+            right.scatter(k + rng.uniform(-0.3, 0.3, size=len(picks)), np.clip(ei[picks], floor, None), s=22,
+                          facecolors="none", edgecolors="tab:red", lw=0.9)
+    right.scatter([], [], s=22, facecolors="none", edgecolors="tab:red", label="picked next")
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 2, top * 3)
+        ax.grid(alpha=0.3)
+    left.set_xscale("log")
+    left.set_xlabel("rank among unlabelled structures")
+    left.set_ylabel(f"EI ({rec.unit} per molecule)")
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+    fig.colorbar(mappable, ax=left, label="iteration")
+    right.set_xlabel("iteration")
+    right.set_xticks(its)
+    right.set_ylabel(f"EI ({rec.unit} per molecule)")
+    right.legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{title} of every unlabelled structure, before each batch (floor {floor:.1e})")
+    return _save(fig, path)
+
+
+def plot_energy_density(rec: CampaignRecord, path: Path) -> Path:
+    """Predicted energy density of the pool at the last iteration (top) and the cumulative count (bottom).
+
+    Unlabelled structures contribute their normal densities N(mu_i, sigma_i) (their sum is the
+    energy density of DESIGN.md section 6); measured stable structures are drawn as a histogram
+    (structures per unit energy). The expected count below E is the measured count plus the sum of
+    the unlabelled normal CDFs; at T = best + window it is N_expected.
+    """
+    from graceq.convergence import cumulative_count, energy_density
+
+    title = "Predicted energy density"
+    its = sorted(rec.predictions)
+    best = rec.best
+    if not its or best is None:
+        return _no_data(path, title, "no prediction yet")
+    k = its[-1]
+    stats = next(s for s in rec.iterations if s["iteration"] == k)
+    mu, sigma = rec.predictions[k]["mu"] - best, rec.predictions[k]["sigma"]
+    labelled = np.zeros(len(mu), dtype=bool)
+    labelled[[p[0] for p in rec.picks if p[1] <= k]] = True
+    unl = np.flatnonzero(~labelled)
+    measured = np.array([e for i, (s, e) in rec.results.items()
+                         if s == STABLE and e is not None and labelled[i]]) - best
+    w = rec.window
+    lo = min(float(np.min(mu[unl] - 2 * sigma[unl])) if len(unl) else 0.0, 0.0) - 0.5 * w
+    hi = 3.0 * w
+    grid = np.linspace(lo, hi, 600)
+    fig, (top, bottom) = _figure(9.0, 7.5, nrows=2, sharex=True)
+    for ax in (top, bottom):
+        ax.axvspan(0.0, w, color="tab:green", alpha=0.12, lw=0, label=f"window: best + {w:g} {rec.unit}")
+        ax.grid(alpha=0.3)
+    bins = np.linspace(lo, hi, 31)
+    if len(measured):
+        counts, edges = np.histogram(measured, bins=bins)
+        top.bar(edges[:-1], counts / np.diff(edges), width=np.diff(edges), align="edge", color="tab:blue",
+                alpha=0.4, label=f"measured ({len(measured)})")
+    if rec.has_reference and len(unl):
+        ref = rec.energy_ref_pool[unl]
+        ref = ref[np.isfinite(ref) & (rec.status_pool[unl] != "unstable")] - best
+        counts, edges = np.histogram(ref, bins=bins)
+        top.step(edges, np.append(counts / np.diff(edges), 0.0), where="post", color="0.3", ls="--", lw=1,
+                 label="true reference of the unlabelled (known pool)")
+    density = energy_density(mu[unl], sigma[unl], grid) if len(unl) else np.zeros_like(grid)
+    top.plot(grid, density, color="tab:orange", lw=2, label=f"predicted, unlabelled ({len(unl)})")
+    top.set_ylabel(f"structures per {rec.unit}\nper molecule")
+    top.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    top.set_title(f"{title} at iteration {k} (p_conv {stats['p_conv']:.3f})")
+
+    n_below = (measured[None, :] <= grid[:, None]).sum(axis=1) if len(measured) else np.zeros(len(grid))
+    predicted = cumulative_count(mu[unl], sigma[unl], grid) if len(unl) else np.zeros_like(grid)
+    bottom.plot(grid, n_below, color="tab:blue", lw=1.2, drawstyle="steps-post", label="measured below E")
+    bottom.plot(grid, n_below + predicted, color="k", lw=1.5, label="expected below E (measured + predicted)")
+    bottom.axhline(stats["n_expected"], color="k", ls=":", lw=0.8)
+    bottom.plot([w], [stats["n_expected"]], "o", color="k")
+    bottom.annotate(f"T = best + window: N_expected {stats['n_expected']:.1f}\n"
+                    f"{stats['n_measured']} measured, residual {stats['residual']:.2f}",
+                    xy=(w, stats["n_expected"]), xytext=(8, -28), textcoords="offset points", fontsize=8)
+    bottom.set_ylim(0, max(float((n_below + predicted)[grid <= 1.5 * w].max()) * 1.15, 1.0))
+    bottom.set_ylabel("structures below E")
+    bottom.set_xlabel(f"relative reference energy E ({rec.unit} per molecule)")
+    bottom.set_xlim(lo, hi)
+    bottom.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def plot_learning_curve(rec: CampaignRecord, path: Path) -> Path:
+    """Test RMSE of the calibrated committee against the number of training structures (log-log)."""
+    title = "Learning curve"
+    if not rec.iterations:
+        return _no_data(path, title, "no iteration finished yet")
+    n_train = np.array([s["n_train"] for s in rec.iterations], dtype=float)
+    rmse = np.array([s["test_rmse"] for s in rec.iterations], dtype=float)
+    fig, ax = _figure(8.0, 5.0)
+    ax.plot(n_train, rmse, "o-", color="tab:brown")
+    for s, x, y in zip(rec.iterations, n_train, rmse):
+        ax.annotate(str(s["iteration"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training structures (first 80 % of the labelled, in sampling order)")
+    ax.set_ylabel(f"test RMSE ({rec.unit} per molecule)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"{title} (test set: the most recent 20 %; labels are iterations)")
+    return _save(fig, path)
+
+
+PLOTS = (
+    ("landscape.png", plot_landscape, "Energy-density landscape of the measured structures"),
+    ("convergence.png", plot_convergence, "p_conv, residual and test RMSE per iteration"),
+    ("expected_improvement.png", plot_expected_improvement, "Expected improvement per iteration"),
+    ("energy_density.png", plot_energy_density, "Predicted energy density of the pool, last iteration"),
+    ("learning_curve.png", plot_learning_curve, "Learning curve"),
+)
+
+
+def found_table(rec: CampaignRecord) -> list[dict]:
+    """The measured stable structures within the window of the best, lowest first."""
+    best = rec.best
+    if best is None:
+        return []
+    it_of = rec.iteration_of
+    ff_rank = np.argsort(np.argsort(rec.energy_ff)) + 1
+    rows = [
+        {"name": str(rec.names[i]), "relative_ref": e - best, "relative_ff": float(rec.energy_ff[i] - rec.energy_ff.min()),
+         "ff_rank": int(ff_rank[i]), "density": float(rec.density[i]), "iteration": it_of.get(i)}
+        for i, (s, e) in rec.results.items() if s == STABLE and e is not None and e <= best + rec.window
+    ]
+    return sorted(rows, key=lambda r: r["relative_ref"])
+
+
+def _html(rec: CampaignRecord, images: list[tuple[Path, str]]) -> str:
+    u = html.escape(rec.unit)
+    last = rec.iterations[-1] if rec.iterations else {}
+    n_calls = sum(1 for s, _ in rec.results.values() if s in (STABLE, "unstable", "failed"))
+    facts = [
+        ("campaign", str(rec.root)),
+        ("pool", f"{len(rec.names)} structures"),
+        ("reference calls", f"{n_calls} ({sum(1 for s, _ in rec.results.values() if s == 'unstable')} unstable, "
+                            f"{sum(1 for s, _ in rec.results.values() if s == 'failed')} failed)"),
+        ("stop", str(last.get("stop") or "running")),
+        ("p_conv", f"{last['p_conv']:.4f} (target {rec.p_conv_target:g})" if last else "-"),
+        ("window", f"{rec.window:g} {rec.unit} per molecule above the best"),
+        ("best", f"{rec.best:.3f} {rec.unit} per molecule" if rec.best is not None else "-"),
+    ]
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>graceq report</title>",
+        "<style>body{font-family:sans-serif;max-width:1250px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}"
+        "th{background:#eee}td.l{text-align:left}img{max-width:100%;border:1px solid #ddd}</style>",
+        "</head><body>", "<h1>graceq campaign report</h1>", "<table>",
+    ]
+    parts += [f"<tr><th>{html.escape(k)}</th><td class='l'>{html.escape(v)}</td></tr>" for k, v in facts]
+    parts.append("</table>")
+    found = found_table(rec)
+    parts.append(f"<h2>Structures found within the window ({len(found)})</h2>")
+    parts.append(f"<table><tr><th>name</th><th>E_ref - best ({u}/mol)</th><th>E_ff - min E_ff ({u}/mol)</th>"
+                 "<th>force-field rank</th><th>density (g/cm<sup>3</sup>)</th><th>iteration sampled</th></tr>")
+    for r in found:
+        parts.append(f"<tr><td class='l'>{html.escape(r['name'])}</td><td>{r['relative_ref']:.3f}</td>"
+                     f"<td>{r['relative_ff']:.3f}</td><td>{r['ff_rank']}</td><td>{r['density']:.4f}</td>"
+                     f"<td>{r['iteration']}</td></tr>")
+    parts.append("</table><p>Every structure, with predictions: <code>structures.csv</code> in the campaign "
+                 "directory.</p>")
+    for image, caption in images:
+        data = base64.b64encode(image.read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(caption)}</h2>")
+        parts.append(f"<img alt='{html.escape(image.name)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(root: str | Path) -> list[Path]:
+    """Write the PNG plots and a self-contained report.html into <campaign>/report/; returns their paths."""
+    paths = CampaignPaths(root)
+    rec = load_record(paths.root)
+    folder = paths.reports
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [(plot(rec, folder / name), caption) for name, plot, caption in PLOTS]
+    page = folder / "report.html"
+    atomic_write_bytes(page, _html(rec, images).encode())
+    page.chmod(0o644)  # a report is for sharing (the atomic write creates 0600 files)
+    return [p for p, _ in images] + [page]
