@@ -7,7 +7,7 @@ energies (totals per cell, in a unit the user names). Three sources are accepted
    ``energy_ff`` in ``atoms.info``;
 2. a directory of VASP files (``*.vasp``, ``POSCAR*``, ``CONTCAR*``; one structure per file,
    name = file name without a ``.vasp`` suffix) plus a CSV ``name,energy_ff`` (``energies.csv``
-   in the directory, or given explicitly);
+   in the directory, or given explicitly), whose row order is the pool order;
 3. an ASE database (``.db``, SQLite) with key-value pairs ``name`` and ``energy_ff``; the campaign
    keeps its own copy of the pool in this format (:func:`write_pool_db`).
 
@@ -313,6 +313,9 @@ def _read_vasp_dir(path: Path, energies_csv, name_key, energy_key, ref_key, stat
             f"put an energies.csv with header '{name_key},{energy_key}' (total per cell) in the directory."
         )
     table = _read_energy_csv(csv_path, name_key, energy_key, ref_key, status_key)
+    # pool order = the energy table's row order; files it does not list come last (and fail below)
+    row_order = {name: i for i, name in enumerate(table)}
+    files.sort(key=lambda p: (row_order.get(_vasp_name(p), len(row_order)), p.name))
     records = []
     for p in files:
         name = _vasp_name(p)
@@ -725,6 +728,14 @@ def write_pool_db(pool: Pool, path) -> None:
     tmp.replace(path)  # readers never see a half-written pool
 
 
+def _pool_row_atoms(row) -> Atoms:
+    """The structure of a pool-database row, with info name and energy_ff (never energy_ref)."""
+    atoms = row.toatoms()
+    atoms.info["name"] = str(_row_name(row, "name"))
+    atoms.info["energy_ff"] = row.get("energy_ff")
+    return atoms
+
+
 def read_pool_db(path) -> Pool:
     """Return the Pool stored by :func:`write_pool_db` (no re-validation: graceq wrote it)."""
     path = Path(path)
@@ -739,8 +750,8 @@ def read_pool_db(path) -> Pool:
         )
     frames, names, e_ff, e_ref, status = [], [], [], [], []
     for row in db.select(sort="id"):
-        frames.append(row.toatoms())
-        names.append(str(_row_name(row, "name")))
+        frames.append(_pool_row_atoms(row))
+        names.append(frames[-1].info["name"])
         e_ff.append(row.get("energy_ff"))
         e_ref.append(row.get("energy_ref", np.nan))
         status.append(row.get("status", ""))
@@ -758,7 +769,11 @@ def read_pool_db(path) -> Pool:
 
 
 def read_frames_db(path, indices: Iterable[int]) -> list[Atoms]:
-    """Return the structures at pool ``indices`` (0-based) from a pool database."""
+    """Return the structures at pool ``indices`` (0-based) from a pool database.
+
+    Each has ``info["name"]`` and ``info["energy_ff"]``; the reference energy is left out, so that
+    a worker sees only what the campaign asked for.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such pool database.")
@@ -766,7 +781,7 @@ def read_frames_db(path, indices: Iterable[int]) -> list[Atoms]:
     out = []
     for i in indices:
         try:
-            out.append(db.get(id=int(i) + 1).toatoms())
+            out.append(_pool_row_atoms(db.get(id=int(i) + 1)))
         except KeyError:
             raise InputError(f"{path}: no structure with pool index {i} (row id {int(i) + 1}).") from None
     return out
