@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 QUEUES = ("featurize", "fit", "dft")
 
@@ -55,7 +55,9 @@ def configure(broker_url: str | None = None, embedded_dir: str | Path | None = N
         worker_send_task_events=True,
         result_expires=7 * 24 * 3600,
         task_default_queue="dft",
-        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_default_exchange="dft",
+        task_default_routing_key="dft",
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_routes={
             "graceq.fit_projection": {"queue": "featurize"},
             "graceq.featurize": {"queue": "featurize"},
@@ -80,13 +82,14 @@ def configure(broker_url: str | None = None, embedded_dir: str | Path | None = N
         for sub in ("queue", "control", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf.update(
-            broker_url="filesystem://",
+            broker_url="filesystem://localhost/",
             broker_transport_options={
                 "data_folder_in": str(folder / "queue"),
                 "data_folder_out": str(folder / "queue"),
                 "control_folder": str(folder / "control"),
                 "processed_folder": str(folder / "processed"),
                 "store_processed": False,
+                "polling_interval": 0.1,  # s; the folder is polled, not pushed
             },
             # the folder transport has no fan-out worth using: no remote control, no events
             worker_enable_remote_control=False,

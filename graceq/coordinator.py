@@ -158,7 +158,8 @@ class Coordinator:
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True,
+                    mininterval=0.5)
 
     def _say(self, message: str) -> None:
         log.info(message)
@@ -290,7 +291,7 @@ class Coordinator:
 
         task_id = tasks.reference_task_id(self.campaign_id, idx)
         self.store.record_sent(idx, task_id, count=count)
-        self._send(tasks.run_reference, [str(self.paths.root), int(idx)], task_id)
+        self._send(tasks.run_reference, [str(self.paths.root), int(idx), str(self.names[idx])], task_id)
 
     def fit_committee(self, view: cp.CampaignView, features: np.ndarray, iteration: int):
         """Fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""

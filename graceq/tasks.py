@@ -80,7 +80,8 @@ def fit_projection(campaign_dir: str, sample: list[int], species: list[int]) -> 
     def work():
         frames = read_frames_db(paths.structures, sample)
         soap = _soap_from_settings(settings_of(campaign_dir), species).fit(frames)
-        tmp = paths.projection.with_name(".projection.tmp.npz")
+        paths.projection.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.projection.with_name(f".projection.{os.getpid()}.tmp.npz")
         soap.save(tmp)
         os.replace(tmp, paths.projection)
         return str(paths.projection)
@@ -217,7 +218,7 @@ def reference_task_id(campaign_id: str, idx: int) -> str:
 
 
 @app.task(name="graceq.run_reference", bind=True)
-def run_reference(self, campaign_dir: str, idx: int) -> dict:
+def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
     """Re-minimise pool structure idx with the campaign's engine; writes results/<idx>.json once."""
     from graceq.engines import ReferenceResult, make_engine
     from graceq.io import read_frames_db
@@ -235,7 +236,6 @@ def run_reference(self, campaign_dir: str, idx: int) -> dict:
             return {"idx": idx, "duplicate": "result exists"}
         meta = json.loads(paths.pool_meta.read_text())
         atoms = read_frames_db(paths.structures, [idx])[0]
-        name = atoms.info.get("name", str(idx))
         try:
             engine = make_engine(settings.engine.model_dump(), settings.campaign.unit, meta.get("source"))
             result = engine.run(atoms, name, paths.job_dir(idx), heartbeat=lease.beat)

@@ -1,0 +1,130 @@
+"""Shared fixtures: small pools cut from the bundled landscapes, a private Redis, real workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+GRACEQ = [sys.executable, "-m", "graceq.cli"]
+
+
+def bundled(*parts: str) -> Path:
+    return Path(str(files("graceq").joinpath("data", *parts)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_subset(source: Path, target: Path, step: int, limit: int | None = None) -> Path:
+    """Every `step`-th frame of a bundled pool, as a new extxyz file (tests never read ../shared)."""
+    from ase.io import read, write
+
+    frames = read(source, ":")[::step][:limit]
+    write(target, frames, format="extxyz")
+    return target
+
+
+@pytest.fixture(scope="session")
+def roy_small(tmp_path_factory) -> Path:
+    """66 ROY structures (every 4th of ROY-264), with energy_ff and energy_ref in kJ/mol per cell."""
+    return write_subset(bundled("roy264", "roy264.extxyz"), tmp_path_factory.mktemp("pool") / "roy66.extxyz", 4)
+
+
+def settings_text(pool: Path, **extra) -> str:
+    campaign = dict(pool=str(pool), unit="kJ/mol", window=5.0, n_init=12, n_batch=6, seed=3)
+    campaign.update(extra.pop("campaign", {}))
+    sections = {"campaign": campaign, "model": {"n_members": 64, "members_per_task": 16},
+                "descriptor": {"chunk_size": 8}}
+    for key, value in extra.items():
+        sections.setdefault(key, {}).update(value)
+    import tomli_w
+
+    return tomli_w.dumps(sections)
+
+
+@pytest.fixture
+def redis_url():
+    """A private redis-server on a free port (nothing on disk), stopped after the test."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+class Workers:
+    """`graceq worker` processes started like a user on another node would, stopped at the end."""
+
+    def __init__(self, broker: str, log_dir: Path):
+        self.broker = broker
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, queues: str = "featurize,fit,dft", concurrency: int = 1, name: str | None = None,
+              env: dict | None = None) -> subprocess.Popen:
+        name = name or f"w{len(self.procs)}@%h"
+        log = open(self.log_dir / f"worker{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            GRACEQ + ["worker", "--queues", queues, "--concurrency", str(concurrency), "--name", name,
+                      "--broker", self.broker, "--loglevel", "INFO"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})), start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
+@pytest.fixture
+def workers(redis_url, tmp_path):
+    pool = Workers(redis_url, tmp_path)
+    yield pool
+    pool.stop()
+
+
+def picks_of(campaign_dir: Path) -> list[tuple[int, int]]:
+    """(structure index, iteration) of every pick, in sampling order."""
+    with sqlite3.connect(Path(campaign_dir) / "state.sqlite") as db:
+        return db.execute("SELECT idx, iteration FROM picks ORDER BY iteration, rank").fetchall()
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True):
+    result = subprocess.run(GRACEQ + list(args), capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, **(env or {})))
+    if check and result.returncode != 0:
+        raise AssertionError(f"graceq {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

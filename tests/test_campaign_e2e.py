@@ -1,0 +1,141 @@
+"""End-to-end campaigns through real Celery workers: embedded, Redis, resume, worker loss.
+
+No eager mode anywhere: every task is a message consumed by a separate worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GRACEQ, picks_of, run_cli, settings_text
+
+
+def write_settings(folder: Path, pool: Path, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "settings.toml"
+    path.write_text(settings_text(pool, **extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded_run(roy_small, tmp_path_factory):
+    """One complete embedded campaign (no broker) on the 66-structure ROY pool; reused below."""
+    folder = tmp_path_factory.mktemp("embedded")
+    settings = write_settings(folder, roy_small)
+    result = run_cli("run", str(folder / "campaign"), "--settings", str(settings), "--quiet")
+    return folder / "campaign", result
+
+
+def test_embedded_campaign_runs_to_a_stop(embedded_run):
+    campaign, result = embedded_run
+    summary = json.loads((campaign / "summary.json").read_text())
+    assert summary["n_pool"] == 66
+    assert summary["stop"] in ("converged", "budget", "pool exhausted")
+    assert summary["iterations"], "no iteration recorded"
+    for key in ("n_reference_calls", "n_unstable", "converged", "found", "window", "unit"):
+        assert key in summary
+    for it in summary["iterations"]:
+        for key in ("p_conv", "residual", "test_rmse", "alpha", "lambda", "n_labelled"):
+            assert it[key] is not None
+    picks = picks_of(campaign)
+    assert len(picks) == summary["n_reference_calls"] == len({i for i, _ in picks})
+    # the found structures are the labelled ones within the window of the best measured energy
+    rows = (campaign / "structures.csv").read_text().splitlines()
+    assert len(rows) == 67
+    assert "reference calls" in result.stdout
+
+
+def test_same_picks_through_redis_and_two_separate_workers(embedded_run, roy_small, workers, redis_url, tmp_path):
+    campaign, _ = embedded_run
+    workers.start(name="alpha@%h")
+    workers.start(name="beta@%h")
+    settings = write_settings(tmp_path, roy_small)
+    run_cli("run", str(tmp_path / "campaign"), "--settings", str(settings), "--broker", redis_url, "--quiet")
+    assert picks_of(tmp_path / "campaign") == picks_of(campaign)
+    hosts = {json.loads(p.read_text())["host"] for p in (tmp_path / "campaign" / "results").glob("*.json")}
+    assert hosts, "no result files written by the workers"
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("worker*.log"))
+    assert "alpha@" in logs and "beta@" in logs
+    # both workers did reference work
+    assert logs.count("graceq.run_reference") > 0
+
+
+def _count_reference_runs(campaign: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for path in (campaign / "results").glob("*.json"):
+        record = json.loads(path.read_text())
+        counts[record["idx"]] = counts.get(record["idx"], 0) + 1
+    return counts
+
+
+def test_coordinator_killed_mid_iteration_resumes_with_the_same_picks(embedded_run, roy_small, tmp_path):
+    campaign, _ = embedded_run
+    settings = write_settings(tmp_path, roy_small)
+    target = tmp_path / "campaign"
+    run_cli("init", str(target), "--settings", str(settings))
+    proc = subprocess.Popen(GRACEQ + ["run", str(target), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    # kill it once the second iteration's reference jobs are on their way
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (target / "state.sqlite").exists():
+            with sqlite3.connect(target / "state.sqlite") as db:
+                n_iter = db.execute("SELECT COUNT(*) FROM iterations").fetchone()[0]
+                n_sent = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            if n_iter >= 1 and n_sent > 12:
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the campaign never reached its second iteration")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # the embedded worker gets SIGTERM through its parent-death signal
+    run_cli("run", str(target), "--quiet")
+    assert picks_of(target) == picks_of(campaign)
+    with sqlite3.connect(target / "state.sqlite") as db:
+        n_results = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    assert n_results == len(picks_of(target))
+    # every reference job wrote exactly one result record
+    assert set(_count_reference_runs(target).values()) == {1}
+
+
+def test_worker_killed_during_a_reference_job_is_redelivered_and_recorded_once(roy_small, workers, redis_url, tmp_path):
+    """SIGKILL of a whole worker (main process and pool) in the middle of a reference job."""
+    # a slow replay: each reference job sleeps, so that the kill lands inside one
+    settings = write_settings(tmp_path, roy_small, engine={"engine": "replay", "delay_s": 3.0},
+                              runtime={"lease_timeout": 4.0}, campaign={"n_init": 12, "budget": 12})
+    target = tmp_path / "campaign"
+    run_cli("init", str(target), "--settings", str(settings))
+    victim = workers.start(queues="dft", name="victim@%h")
+    workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
+    coordinator = subprocess.Popen(GRACEQ + ["run", str(target), "--broker", redis_url, "--quiet"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    lease = None
+    while time.time() < deadline and lease is None:
+        leases = list((target / "jobs").glob("*/lease.json")) if (target / "jobs").exists() else []
+        lease = leases[0] if leases else None
+        time.sleep(0.05)
+    assert lease is not None, "no reference job started"
+    job = int(lease.parent.name)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    workers.start(queues="dft", name="rescuer@%h")
+    out, _ = coordinator.communicate(timeout=300)
+    assert coordinator.returncode == 0, out.decode()
+    record = json.loads((target / "results" / f"{job:06d}.json").read_text())
+    assert record["status"] == "converged"
+    with sqlite3.connect(target / "state.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results WHERE idx = ?", (job,)).fetchone()[0] == 1
+        attempts = db.execute("SELECT attempts FROM jobs WHERE idx = ?", (job,)).fetchone()[0]
+    assert attempts >= 2, "the killed job was not sent again"
+    assert "rescuer" in (tmp_path / "worker2.log").read_text()
