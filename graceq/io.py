@@ -70,7 +70,7 @@ class Pool:
     unit : str
         Canonical energy unit of ``energy_ff`` and ``energy_ref`` (see :mod:`graceq.units`).
     source : str
-        Path of the file or directory the pool was read from.
+        Absolute path of the file or directory the pool was read from.
     energy_ref : ndarray or None
         Reference energy, total per cell, in ``unit``; NaN where a structure has none (replay
         data); None when the source has no such key at all.
@@ -669,7 +669,9 @@ def read_pool(
         raw = _read_db(path, unit, *keys)
     else:
         raw = _read_ase_file(path, *keys)
-    return _validate(raw, str(path), unit, energy_key, ref_key, atoms_per_molecule, on_bad_molecule)
+    pool = _validate(raw, str(path), unit, energy_key, ref_key, atoms_per_molecule, on_bad_molecule)
+    pool.source = str(path.resolve())  # workers (and the replay engine) may run elsewhere
+    return pool
 
 
 # --------------------------------------------------------------------------------------------

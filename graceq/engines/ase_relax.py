@@ -224,7 +224,11 @@ class AseRelaxEngine(ReferenceEngine):
         if not resumed and restart.exists():
             restart.unlink()  # a restart file without its trajectory belongs to another run
         try:
-            return cls(target, restart=str(restart), **kwargs)
+            with warnings.catch_warnings():
+                # ASE warns that restarting a non-BFGS optimiser under a cell filter does not
+                # restore orig_cell: run() restores it from the checkpoint's first frame
+                warnings.filterwarnings("ignore", message=".*restart function is untested")
+                return cls(target, restart=str(restart), **kwargs)
         except Exception as exc:  # unreadable restart file: resume from the positions alone
             warnings.warn(f"{restart}: cannot use the optimiser restart file ({exc}); resuming without it")
             restart.unlink(missing_ok=True)
@@ -252,9 +256,9 @@ class AseRelaxEngine(ReferenceEngine):
             current = initial.copy()
             steps_done = 0
         else:
-            initial, last, n_frames = checkpoint
+            initial, last, n_saved = checkpoint
             current = Atoms(numbers=last.numbers, positions=last.positions, cell=last.cell, pbc=last.pbc)
-            steps_done = n_frames - 1
+            steps_done = n_saved - 1
         resumed = checkpoint is not None
         start_molecules = molecule_formulas(initial)
 
@@ -262,7 +266,7 @@ class AseRelaxEngine(ReferenceEngine):
         if resumed:
             notes.append(f"resumed after {steps_done} steps")
         traj = None
-        opt = None
+        n_frames = [steps_done + 1 if resumed else 0]  # frames in the checkpoint file
         try:
             current.calc = self._make_calculator(workdir)
             target = current
@@ -274,13 +278,14 @@ class AseRelaxEngine(ReferenceEngine):
                 target.orig_cell = np.asarray(initial.cell[:])
             opt = self._optimizer(target, workdir, resumed)
             traj = Trajectory(str(workdir / TRAJECTORY), mode="a" if resumed else "w", atoms=current)
-            skip_first = [resumed]  # the resumed start is the checkpoint's last frame already
+            skip_first = [resumed]  # a resumed run's start is the checkpoint's last frame already
 
             def write_frame():
                 if skip_first[0]:
                     skip_first[0] = False
                     return
                 traj.write(current)
+                n_frames[0] += 1
 
             def beat():
                 if heartbeat is not None:
@@ -295,7 +300,8 @@ class AseRelaxEngine(ReferenceEngine):
         except _HeartbeatStop as stop:
             raise stop.original from None
         except Exception as exc:  # the calculator (or optimiser) broke: a failed reference
-            n_steps = steps_done + (opt.nsteps if opt is not None else 0)
+            # steps whose energy and forces were evaluated (= checkpoint frames - 1)
+            n_steps = max(n_frames[0] - 1, steps_done)
             return ReferenceResult(
                 name, "failed", None, current.copy(), n_steps=n_steps,
                 message="; ".join(notes + [f"{type(exc).__name__}: {exc}"]),
@@ -304,7 +310,7 @@ class AseRelaxEngine(ReferenceEngine):
             if traj is not None:
                 traj.close()
 
-        n_steps = steps_done + opt.nsteps
+        n_steps = n_frames[0] - 1  # one checkpoint frame per optimiser step, after the start
         energy_ev = float(current.get_potential_energy())
         end_molecules = molecule_formulas(current)
         relaxed = Atoms(numbers=current.numbers, positions=current.positions, cell=current.cell, pbc=current.pbc)
