@@ -92,16 +92,18 @@ class Pool:
     def per_molecule(self, energy_cell) -> np.ndarray:
         """Return per-molecule energies ``E_cell / n_atoms * atoms_per_molecule`` (same unit).
 
-        ``energy_cell`` holds one total-per-cell energy per pool structure. This is the one
-        place graceq turns cell totals into per-molecule energies.
+        ``energy_cell`` holds one total-per-cell energy per pool structure. The formula itself
+        lives in :func:`graceq.campaign.per_molecule`, the one place graceq computes it.
         """
+        from graceq.campaign import per_molecule
+
         energy_cell = np.asarray(energy_cell, dtype=float)
         if energy_cell.shape != self.n_atoms.shape:
             raise ValueError(
                 f"per_molecule needs one energy per pool structure ({len(self)}), "
                 f"got shape {energy_cell.shape}"
             )
-        return energy_cell / self.n_atoms * self.atoms_per_molecule
+        return per_molecule(energy_cell, self.n_atoms, self.atoms_per_molecule)
 
     def __len__(self) -> int:
         return len(self.frames)
