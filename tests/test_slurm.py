@@ -1,0 +1,294 @@
+"""The `slurm` engine and the SLURM pilot job against a real single-node SLURM (slurm-wlm + munge).
+
+`tests/slurm_setup.sh` installs (apt) and starts munged, slurmctld and slurmd on this machine; it
+is idempotent. Every job here is real: sbatch'ed, scheduled and run by slurmd, relaxing benzamide
+cells with GFN-FF (the `gfnff` ASE calculator) through the `ase` engine inside the allocation.
+sbatch calls are counted by a wrapper that logs each call before it runs the real sbatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SETUP = HERE / "slurm_setup.sh"
+PILOT = REPO / "deploy" / "slurm" / "graceq-workers.sbatch"
+
+
+def _graceq() -> list[str]:
+    exe = Path(sys.executable).with_name("graceq")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "graceq.cli"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node SLURM cluster (installed and started by tests/slurm_setup.sh)."""
+    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode == 2:
+        pytest.skip(f"cannot install SLURM here: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    yield socket.gethostname()
+
+
+@pytest.fixture
+def sbatch_log(tmp_path):
+    """An sbatch that logs each call (time, arguments) to a file, then runs the real one."""
+    real = shutil.which("sbatch")
+    log = tmp_path / "sbatch-calls.log"
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/bash\necho "$(date +%s.%N) $*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    log.touch()
+    return wrapper, log
+
+
+def _calls(log: Path) -> list[str]:
+    return [line.split()[-1] for line in log.read_text().splitlines() if line.strip()]
+
+
+def _benzamide(n: int, offset: int = 0):
+    """n GFN-FF-minimal benzamide cells of 32 atoms (2 molecules) from the bundled landscape."""
+    from ase.io import read
+
+    path = files("graceq") / "data" / "benzamide" / "landscape.extxyz"
+    frames = [a for a in read(str(path), ":") if len(a) == 32 and a.info["status"] == "converged"]
+    return frames[offset:offset + n]
+
+
+def _engine_settings(sbatch: Path, **slurm) -> dict:
+    options = {"sbatch": str(sbatch), "poll_interval": 0.5, "result_grace": 1.0, "time": "00:10:00",
+               "command": " ".join(_graceq() + ["relax"])}
+    options.update(slurm)
+    return {"engine": "slurm", "calculator": "gfnff", "fmax": 0.05, "max_steps": 60,
+            "cell_filter": "none", "slurm": options}
+
+
+def _wait(predicate, timeout: float, what: str, step: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _cancel_jobs_under(folder: Path) -> None:
+    """scancel every job whose working directory is under folder (keeps the cluster clean)."""
+    proc = subprocess.run(["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True)
+    ids = [line.split("|")[0] for line in proc.stdout.splitlines()
+           if "|" in line and line.split("|", 1)[1].startswith(str(folder))]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+# -- the engine ------------------------------------------------------------------------------------
+def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_path):
+    from graceq.engines import make_engine
+    from graceq.engines.slurm import SlurmEngine
+
+    wrapper, log = sbatch_log
+    frames = _benzamide(2)
+    rng = np.random.default_rng(0)
+    for atoms in frames:  # off the minimum, so that the relaxation takes real steps
+        atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+    settings = _engine_settings(wrapper)
+    engine = make_engine(settings, "kJ/mol")
+    assert isinstance(engine, SlurmEngine)
+    workdirs = [tmp_path / f"job{k}" for k in range(len(frames))]
+    try:
+        ids = [engine.submit(a, a.info["name"], w) for a, w in zip(frames, workdirs)]
+        # idempotent: a second submit (a re-delivered task) returns the same job, no sbatch call
+        assert [engine.submit(a, a.info["name"], w) for a, w in zip(frames, workdirs)] == ids
+        assert _calls(log) == [str(w.resolve() / "job.sh") for w in workdirs]
+        script = (workdirs[0] / "job.sh").read_text()
+        assert script.startswith("#!/bin/bash\n")
+        assert f"relax {workdirs[0].resolve()}" in script
+        states = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i", "-j", ",".join(ids)],
+                                capture_output=True, text=True).stdout.split()
+        assert sorted(states) == sorted(ids), "the submitted jobs are not in squeue"
+        results = _wait(lambda: (lambda r: r if all(v is not None for v in r.values()) else None)(
+            engine.poll_many(workdirs)), 180, "the SLURM jobs' results")
+    finally:
+        _cancel_jobs_under(tmp_path)
+
+    # the same relaxation, run directly with the ase engine in this process
+    direct = make_engine({k: v for k, v in settings.items() if k != "slurm"} | {"engine": "ase"}, "kJ/mol")
+    for atoms, w, job_id in zip(frames, workdirs, ids):
+        got = results[w.resolve()]
+        record = json.loads((w / "result.json").read_text())
+        assert record["slurm_job_id"] == job_id and record["host"] == slurm
+        assert got.status == "converged", got.message
+        assert got.n_steps > 0
+        ref = direct.run(atoms, atoms.info["name"], tmp_path / f"direct-{job_id}")
+        assert ref.status == "converged"
+        assert got.n_steps == ref.n_steps
+        assert got.energy == pytest.approx(ref.energy, abs=1e-6)  # kJ/mol, total per cell
+        np.testing.assert_allclose(got.atoms.positions, ref.atoms.positions, atol=1e-6)
+    assert len(_calls(log)) == 2
+
+
+def test_a_job_that_ends_without_result_is_resubmitted_then_failed(slurm, sbatch_log, tmp_path):
+    from graceq.engines import make_engine
+
+    wrapper, log = sbatch_log
+    # the job's command exits 1 before relaxing: SLURM state FAILED and no result.json
+    engine = make_engine(_engine_settings(wrapper, command="false", max_submissions=2), "kJ/mol")
+    atoms = _benzamide(1)[0]
+    workdir = tmp_path / "doomed"
+    try:
+        first = engine.submit(atoms, "doomed", workdir)
+        result = _wait(lambda: engine.poll(workdir), 120, "the doomed job to be given up")
+    finally:
+        _cancel_jobs_under(tmp_path)
+    submissions = json.loads((workdir / "slurm.json").read_text())["submissions"]
+    assert [s["job_id"] for s in submissions][0] == first
+    assert len(submissions) == 2 == len(_calls(log))
+    assert result.status == "failed" and result.energy is None
+    assert all(s["job_id"] in result.message for s in submissions)
+    assert "FAILED" in result.message and "slurm-" in result.message
+
+
+# -- a campaign: coordinator killed while SLURM holds its jobs -------------------------------------------
+def _campaign_settings(folder: Path, wrapper: Path) -> Path:
+    import tomli_w
+    from ase.io import write
+
+    pool = folder / "benzamide24.extxyz"
+    write(pool, _benzamide(24), format="extxyz")
+    engine = _engine_settings(wrapper, setup=["sleep 2"])  # each job holds its CPU a while
+    engine["fmax"] = 0.1  # the pool is GFN-FF-minimal already: few steps, converged
+    path = folder / "settings.toml"
+    path.write_text(tomli_w.dumps({
+        "campaign": {"pool": pool.name, "unit": "kJ/mol", "window": 5.0, "n_init": 10, "n_batch": 4,
+                     "budget": 18, "seed": 0},
+        "descriptor": {"chunk_size": 12, "fit_sample": 24},
+        "model": {"n_members": 32, "members_per_task": 16},
+        "engine": engine,
+        "runtime": {"poll_interval": 0.2, "workers": 2},
+    }))
+    return path
+
+
+def _picks(campaign: Path) -> list[int]:
+    with sqlite3.connect(campaign / "state.sqlite") as db:
+        return [r[0] for r in db.execute("SELECT idx FROM picks ORDER BY iteration, rank")]
+
+
+def test_killed_coordinator_restarts_and_collects_every_job_once(slurm, sbatch_log, tmp_path):
+    wrapper, log = sbatch_log
+    settings = _campaign_settings(tmp_path, wrapper)
+    campaign = tmp_path / "campaign"
+    jobs = campaign / "jobs"
+    out = open(tmp_path / "coordinator1.log", "wb")
+    first = subprocess.Popen(_graceq() + ["run", str(campaign), "--settings", str(settings), "--quiet"],
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # wait until SLURM holds several jobs of the initial batch, then kill the coordinator hard
+        def submitted():
+            n = len(list(jobs.glob("*/slurm.json"))) if jobs.exists() else 0
+            return n >= 4 and n
+        _wait(submitted, 240, "the first jobs to be submitted to SLURM")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        killed_at = time.time()
+        in_slurm = [d for d in jobs.iterdir() if (d / "slurm.json").exists() and not (d / "result.json").exists()]
+        assert in_slurm, "no job was queued or running in SLURM when the coordinator died"
+        # the jobs go on without a coordinator: let them end while nobody watches
+        _wait(lambda: all((d / "result.json").exists() for d in in_slurm), 180,
+              "the orphaned jobs to finish in SLURM")
+
+        second = subprocess.run(_graceq() + ["run", str(campaign), "--quiet"], capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 0, f"restarted coordinator failed:\n{second.stdout}\n{second.stderr}"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        _cancel_jobs_under(tmp_path)
+
+    summary = json.loads((campaign / "summary.json").read_text())
+    assert summary["iterations"], "no iteration recorded"
+    picks = _picks(campaign)
+    assert len(picks) == len(set(picks)) == summary["n_reference_calls"] >= 10
+    # every picked structure was submitted exactly once and its result collected once
+    calls = _calls(log)
+    assert len(calls) == len(set(calls)) == len(picks), f"{len(calls)} sbatch calls for {len(picks)} picks"
+    with sqlite3.connect(campaign / "state.sqlite") as db:
+        stored = dict(db.execute("SELECT idx, status FROM results").fetchall())
+    assert sorted(stored) == sorted(picks)
+    for idx in picks:
+        workdir = jobs / f"{idx:06d}"
+        record = json.loads((workdir / "slurm.json").read_text())
+        assert len(record["submissions"]) == 1
+        assert str(workdir / "job.sh") in calls
+        result = json.loads((campaign / "results" / f"{idx:06d}.json").read_text())
+        assert result["slurm_job_id"] == record["job_id"]
+        assert stored[idx] == result["status"]
+    # the orphaned jobs ended while no coordinator ran, and the restarted one took their results
+    for d in in_slurm:
+        assert (d / "result.json").stat().st_mtime > killed_at - 5
+        assert int(d.name) in stored
+    assert sum(s == "converged" for s in stored.values()) >= 10
+
+
+# -- the pilot job of deploy/ ---------------------------------------------------------------------------
+def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
+    from graceq import app as app_module
+    from graceq.tasks import noop
+
+    password = secrets.token_hex(16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
+    broker = f"redis://:{password}@127.0.0.1:{port}/0"
+    broker_file = tmp_path / "broker_url"
+    broker_file.write_text(broker + "\n")
+    broker_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
+    env.update(GRACEQ_BROKER_FILE=str(broker_file), GRACEQ=" ".join(_graceq()), GRACEQ_QUEUES="dft")
+    job_id = None
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/pilot-%j.out", "--time=00:05:00",
+                               str(PILOT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        job_id = proc.stdout.strip()
+        name = f"graceq-dft-{job_id}-0@{slurm}"
+        app_module.configure(broker_url=broker)
+        _wait(lambda: any(name in r for r in app_module.app.control.ping(timeout=1.0) or []), 90,
+              f"worker {name} to answer")
+        results = [noop.apply_async(args=[k], queue="dft") for k in range(20)]
+        assert [r.get(timeout=60) for r in results] == list(range(20))
+        # what the time limit does (--signal=TERM@300): TERM to the workers, warm shutdown, job ends
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+        _wait(lambda: subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                                     text=True).stdout.strip() in ("", "COMPLETED"), 60, "the pilot job to end")
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True)
+        redis.terminate()
+        redis.wait(timeout=10)
+    output = (tmp_path / f"pilot-{job_id}.out").read_text()
+    assert f"{name} ready" in output
+    assert "Warm shutdown" in output and "graceq-workers: done" in output
+    assert output.count("graceq.noop") >= 20
+    assert password not in output
