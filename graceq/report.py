@@ -184,32 +184,31 @@ def cell_density_gcm3(atoms) -> float:
     return float(atoms.get_masses().sum() / atoms.get_volume() * AMU_PER_A3_TO_G_PER_CM3)
 
 
-def _pool_from_db(path: Path, names: np.ndarray, n_atoms: np.ndarray, apm: int):
-    """Density, pool reference energy per molecule and pool status of every structure in structures.db.
+def _pool_from_db(path: Path, n_atoms: np.ndarray, apm: int):
+    """Density (g/cm^3), pool reference energy per molecule and pool status of every structure.
 
-    Rows are matched to the store's structures by their `name` key when the database has one,
-    else by row order (row id = pool index + 1).
+    Read from the campaign's structures.db (graceq.io.write_pool_db: row id = pool index + 1,
+    key-value pairs ``energy_ref`` total per cell in the campaign unit and ``status`` where the
+    pool had them).
     """
     from ase.db import connect
 
-    n = len(names)
+    n = len(n_atoms)
     density = np.full(n, np.nan)
     e_ref = np.full(n, np.nan)
     status = np.full(n, "", dtype=object)
     if not path.exists():
         return density, e_ref, status
-    index = {str(name): i for i, name in enumerate(names)}
     with connect(path) as db:
-        for k, row in enumerate(db.select()):
-            kv = row.key_value_pairs
-            i = index.get(str(kv.get("name", row.get("name", ""))), k if k < n else None)
-            if i is None:
+        for row in db.select(sort="id"):
+            i = row.id - 1
+            if not 0 <= i < n:
                 continue
             density[i] = cell_density_gcm3(row.toatoms())
-            value = kv.get("energy_ref", row.get("energy_ref"))
+            value = row.get("energy_ref")
             if value is not None and np.isfinite(float(value)):
                 e_ref[i] = float(per_molecule(float(value), n_atoms[i], apm))
-            status[i] = str(kv.get("status", ""))
+            status[i] = str(row.get("status", ""))
     return density, e_ref, status
 
 
@@ -229,7 +228,7 @@ def load_record(root: str | Path) -> CampaignRecord:
         iterations = store.iterations()
     finally:
         store.close()
-    density, e_ref, status = _pool_from_db(paths.structures, s["name"], s["n_atoms"], apm)
+    density, e_ref, status = _pool_from_db(paths.structures, s["n_atoms"], apm)
     predictions = {}
     for it in iterations:
         path = paths.iteration(it["iteration"]) / "predictions.npz"
@@ -280,6 +279,7 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
     landscape (when known) is drawn in grey beneath; the window above the best is shaded.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     best = rec.best
     title = "Energy-density landscape"
@@ -290,7 +290,7 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
     ax.axhspan(0.0, rec.window, color="tab:green", alpha=0.12, lw=0,
                label=f"window: best + {rec.window:g} {u}")
     if rec.has_reference:
-        known = np.isfinite(rec.energy_ref_pool) & (rec.status_pool != "unstable")
+        known = np.isfinite(rec.energy_ref_pool) & ~np.isin(rec.status_pool, ["unstable", "failed"])
         ax.scatter(rec.density[known], rec.energy_ref_pool[known] - best, s=22, facecolors="none",
                    edgecolors="0.6", lw=0.8, label=f"pool reference ({known.sum()})", zorder=1)
         true_top = np.nanmin(rec.energy_ref_pool[known]) + rec.window - best
@@ -305,7 +305,9 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
         energies = np.array([rec.results[i][1] for i in stable]) - best
         sc = ax.scatter(rec.density[stable], energies, c=[it_of[i] for i in stable], cmap=cmap, norm=norm,
                         s=30, edgecolors="k", lw=0.3, label=f"measured ({len(stable)})", zorder=3)
-        fig.colorbar(sc, ax=ax, label="iteration sampled (0 = initial batch)")
+        bar = fig.colorbar(sc, ax=ax, label="iteration sampled (0 = initial batch)")
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     predicted_at_pick = {p[0]: p[4] for p in rec.picks}
     for outcome, marker, colour in (("unstable", "x", "tab:red"), ("failed", "^", "tab:orange")):
         rows = [i for i, (s, _) in rec.results.items() if s == outcome]
@@ -397,6 +399,39 @@ def plot_expected_improvement(rec: CampaignRecord, path: Path) -> Path:
     return _save(fig, path)
 
 
+def energy_density_curves(rec: CampaignRecord, iteration: int, grid) -> dict:
+    """The energy density of the pool after `iteration`, on `grid` (energies relative to the best).
+
+    Returns ``density`` (structures per unit energy: sum of the unlabelled normal densities),
+    ``measured_below`` (stable measured structures with E <= grid), ``predicted_below`` (sum of the
+    unlabelled normal CDFs), plus the relative ``mu``, ``sigma`` of the unlabelled structures, their
+    pool indices ``unlabelled``, the relative ``measured`` energies and the ``best`` they are
+    relative to (per molecule, as the iteration saw it). "Labelled" means picked in
+    iterations <= `iteration`, as when that iteration decided. At grid = window,
+    measured_below + predicted_below is that iteration's N_expected.
+    """
+    from graceq.convergence import cumulative_count, energy_density
+
+    grid = np.asarray(grid, dtype=float)
+    best = min(e for i, (s, e) in rec.results.items() if s == STABLE and e is not None
+               and rec.iteration_of.get(i, np.inf) <= iteration)
+    pred = rec.predictions[iteration]
+    labelled = np.zeros(len(pred["mu"]), dtype=bool)
+    labelled[[p[0] for p in rec.picks if p[1] <= iteration]] = True
+    unl = np.flatnonzero(~labelled)
+    mu, sigma = pred["mu"][unl] - best, pred["sigma"][unl]
+    measured = np.array([e for i, (s, e) in rec.results.items()
+                         if s == STABLE and e is not None and labelled[i]]) - best
+    empty = np.zeros(grid.shape)
+    return {
+        "best": best, "unlabelled": unl, "mu": mu, "sigma": sigma, "measured": measured,
+        "density": energy_density(mu, sigma, grid) if len(unl) else empty,
+        "measured_below": (measured[None, :] <= grid.reshape(-1, 1)).sum(axis=1).reshape(grid.shape)
+        if len(measured) else empty,
+        "predicted_below": cumulative_count(mu, sigma, grid) if len(unl) else empty,
+    }
+
+
 def plot_energy_density(rec: CampaignRecord, path: Path) -> Path:
     """Predicted energy density of the pool at the last iteration (top) and the cumulative count (bottom).
 
@@ -405,25 +440,20 @@ def plot_energy_density(rec: CampaignRecord, path: Path) -> Path:
     (structures per unit energy). The expected count below E is the measured count plus the sum of
     the unlabelled normal CDFs; at T = best + window it is N_expected.
     """
-    from graceq.convergence import cumulative_count, energy_density
-
     title = "Predicted energy density"
     its = sorted(rec.predictions)
-    best = rec.best
-    if not its or best is None:
+    if not its or rec.best is None:
         return _no_data(path, title, "no prediction yet")
     k = its[-1]
     stats = next(s for s in rec.iterations if s["iteration"] == k)
-    mu, sigma = rec.predictions[k]["mu"] - best, rec.predictions[k]["sigma"]
-    labelled = np.zeros(len(mu), dtype=bool)
-    labelled[[p[0] for p in rec.picks if p[1] <= k]] = True
-    unl = np.flatnonzero(~labelled)
-    measured = np.array([e for i, (s, e) in rec.results.items()
-                         if s == STABLE and e is not None and labelled[i]]) - best
     w = rec.window
-    lo = min(float(np.min(mu[unl] - 2 * sigma[unl])) if len(unl) else 0.0, 0.0) - 0.5 * w
+    first = energy_density_curves(rec, k, np.array([0.0]))
+    mu, sigma = first["mu"], first["sigma"]
+    lo = max(min(float(np.min(mu - 2 * sigma)) if len(mu) else 0.0, 0.0) - 0.5 * w, -4.0 * w)
     hi = 3.0 * w
     grid = np.linspace(lo, hi, 600)
+    curves = energy_density_curves(rec, k, grid)
+    measured, unl, best = curves["measured"], curves["unlabelled"], curves["best"]
     fig, (top, bottom) = _figure(9.0, 7.5, nrows=2, sharex=True)
     for ax in (top, bottom):
         ax.axvspan(0.0, w, color="tab:green", alpha=0.12, lw=0, label=f"window: best + {w:g} {rec.unit}")
@@ -435,25 +465,24 @@ def plot_energy_density(rec: CampaignRecord, path: Path) -> Path:
                 alpha=0.4, label=f"measured ({len(measured)})")
     if rec.has_reference and len(unl):
         ref = rec.energy_ref_pool[unl]
-        ref = ref[np.isfinite(ref) & (rec.status_pool[unl] != "unstable")] - best
+        ref = ref[np.isfinite(ref) & ~np.isin(rec.status_pool[unl], ["unstable", "failed"])] - best
         counts, edges = np.histogram(ref, bins=bins)
         top.step(edges, np.append(counts / np.diff(edges), 0.0), where="post", color="0.3", ls="--", lw=1,
                  label="true reference of the unlabelled (known pool)")
-    density = energy_density(mu[unl], sigma[unl], grid) if len(unl) else np.zeros_like(grid)
-    top.plot(grid, density, color="tab:orange", lw=2, label=f"predicted, unlabelled ({len(unl)})")
+    top.plot(grid, curves["density"], color="tab:orange", lw=2, label=f"predicted, unlabelled ({len(unl)})")
     top.set_ylabel(f"structures per {rec.unit}\nper molecule")
     top.legend(loc="upper left", fontsize=8, framealpha=0.9)
     top.set_title(f"{title} at iteration {k} (p_conv {stats['p_conv']:.3f})")
 
-    n_below = (measured[None, :] <= grid[:, None]).sum(axis=1) if len(measured) else np.zeros(len(grid))
-    predicted = cumulative_count(mu[unl], sigma[unl], grid) if len(unl) else np.zeros_like(grid)
+    n_below, predicted = curves["measured_below"], curves["predicted_below"]
     bottom.plot(grid, n_below, color="tab:blue", lw=1.2, drawstyle="steps-post", label="measured below E")
     bottom.plot(grid, n_below + predicted, color="k", lw=1.5, label="expected below E (measured + predicted)")
     bottom.axhline(stats["n_expected"], color="k", ls=":", lw=0.8)
     bottom.plot([w], [stats["n_expected"]], "o", color="k")
-    bottom.annotate(f"T = best + window: N_expected {stats['n_expected']:.1f}\n"
-                    f"{stats['n_measured']} measured, residual {stats['residual']:.2f}",
-                    xy=(w, stats["n_expected"]), xytext=(8, -28), textcoords="offset points", fontsize=8)
+    bottom.annotate(f"at T = best + window: N_expected {stats['n_expected']:.1f}\n"
+                    f"= {stats['n_measured']} measured + residual {stats['residual']:.2f}",
+                    xy=(w, stats["n_expected"]), xytext=(12, 12), textcoords="offset points", fontsize=8,
+                    bbox=dict(boxstyle="round", fc="white", ec="0.6", alpha=0.9))
     bottom.set_ylim(0, max(float((n_below + predicted)[grid <= 1.5 * w].max()) * 1.15, 1.0))
     bottom.set_ylabel("structures below E")
     bottom.set_xlabel(f"relative reference energy E ({rec.unit} per molecule)")
