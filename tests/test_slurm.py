@@ -101,7 +101,7 @@ def _cancel_jobs_under(folder: Path) -> None:
 
 
 # -- the engine ------------------------------------------------------------------------------------
-def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_path):
+def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_path, monkeypatch):
     from graceq.engines import make_engine
     from graceq.engines.slurm import SlurmEngine
 
@@ -110,7 +110,10 @@ def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_pa
     rng = np.random.default_rng(0)
     for atoms in frames:  # off the minimum, so that the relaxation takes real steps
         atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
-    settings = _engine_settings(wrapper)
+    # a worker's environment holds the broker password: the jobs must not get it
+    secret = secrets.token_hex(12)
+    monkeypatch.setenv("GRACEQ_BROKER_URL", f"redis://:{secret}@127.0.0.1:1/0")
+    settings = _engine_settings(wrapper, setup=["env > job-environment.txt"])
     engine = make_engine(settings, "kJ/mol")
     assert isinstance(engine, SlurmEngine)
     workdirs = [tmp_path / f"job{k}" for k in range(len(frames))]
@@ -137,6 +140,8 @@ def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_pa
         record = json.loads((w / "result.json").read_text())
         assert record["slurm_job_id"] == job_id and record["host"] == slurm
         assert got.status == "converged", got.message
+        environment = (w / "job-environment.txt").read_text()
+        assert "SLURM_JOB_ID=" in environment and secret not in environment
         assert got.n_steps > 0
         ref = direct.run(atoms, atoms.info["name"], tmp_path / f"direct-{job_id}")
         assert ref.status == "converged"

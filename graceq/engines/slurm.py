@@ -54,6 +54,12 @@ ACTIVE_STATES = frozenset({
 })
 
 
+#: environment variables never handed to a batch job (sbatch exports the submitter's environment,
+#: and slurmctld keeps a job's environment in its state): the job needs none of them
+SECRET_VARIABLES = ("GRACEQ_BROKER_URL", "GRACEQ_RESULT_BACKEND", "GRACEQ_FLOWER_BASIC_AUTH",
+                    "FLOWER_BASIC_AUTH", "REDIS_PASSWORD", "REDISCLI_AUTH")
+
+
 class SlurmError(RuntimeError):
     """sbatch/squeue could not do what was asked; the message has the command and its output."""
 
@@ -148,8 +154,9 @@ class SlurmEngine(_EngineBase):
 
     # -- commands --------------------------------------------------------------------------------
     def _call(self, argv: list[str], ok_codes=(0,)) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
         except FileNotFoundError:
             raise SlurmError(f"{argv[0]}: command not found on {socket.gethostname()}") from None
         except subprocess.TimeoutExpired:
