@@ -159,8 +159,20 @@ def test_a_job_that_ends_without_result_is_resubmitted_then_failed(slurm, sbatch
     engine = make_engine(_engine_settings(wrapper, command="false", max_submissions=2), "kJ/mol")
     atoms = _benzamide(1)[0]
     workdir = tmp_path / "doomed"
+    # squeue failing (a controller restart) must not count as the job vanishing
+    outage = tmp_path / "bin" / "squeue"
+    outage.write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller' >&2\nexit 1\n")
+    outage.chmod(0o755)
+    blind = make_engine(_engine_settings(wrapper, command="false", max_submissions=2, squeue=str(outage)),
+                        "kJ/mol")
     try:
         first = engine.submit(atoms, "doomed", workdir)
+        _wait(lambda: subprocess.run(["squeue", "-h", "-t", "all", "-j", first, "-o", "%T"], capture_output=True,
+                                     text=True).stdout.strip() == "FAILED", 60, "the job to fail")
+        for _ in range(3):
+            assert blind.poll(workdir) is None
+            time.sleep(0.6)
+        assert len(_calls(log)) == 1
         result = _wait(lambda: engine.poll(workdir), 120, "the doomed job to be given up")
     finally:
         _cancel_jobs_under(tmp_path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -46,6 +47,8 @@ try:  # the common interface, when the engines package provides it as a class
     from graceq.engines.base import ReferenceEngine as _EngineBase
 except ImportError:  # pragma: no cover
     _EngineBase = object
+
+log = logging.getLogger("graceq.engines.slurm")
 
 #: job states in which SLURM still holds the job (it may yet write its result)
 ACTIVE_STATES = frozenset({
@@ -139,6 +142,7 @@ class SlurmEngine(_EngineBase):
         self._snapshot: dict[str, tuple[str, str]] = {}
         self._snapshot_at = float("-inf")
         self._asked: set[str] = set()
+        self._retry_after = float("-inf")
         self._ended_seen: dict[str, float] = {}
 
     def check(self) -> None:
@@ -290,7 +294,14 @@ class SlurmEngine(_EngineBase):
         if not records:
             return answers
         newest = max(float(r["submissions"][-1]["submitted_at"]) for r in records.values())
-        states = self._states([r["job_id"] for r in records.values()], fresh=self._snapshot_at < newest)
+        if time.time() < self._retry_after:
+            return answers
+        try:
+            states = self._states([r["job_id"] for r in records.values()], fresh=self._snapshot_at < newest)
+        except SlurmError as exc:  # slurmctld restarting, a network blip: ask again in a while
+            log.warning("cannot read job states, trying again in %s s: %s", self.options.poll_interval, exc)
+            self._retry_after = time.time() + self.options.poll_interval
+            return answers
         for w, record in records.items():
             job_id = str(record["job_id"])
             state = states.get(job_id)
