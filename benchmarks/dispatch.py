@@ -117,7 +117,8 @@ def run_campaign(folder: Path, settings: Path, iterations: int, broker: str | No
         argv += ["--broker", broker]
     start = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
-    total = time.time() - start
+    end = time.time()
+    total = end - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     with sqlite3.connect(folder / "state.sqlite") as db:
@@ -131,6 +132,7 @@ def run_campaign(folder: Path, settings: Path, iterations: int, broker: str | No
         "iteration0_s": round(finished[0] - features_at, 2),
         "iteration_s": [round(t, 2) for t in per_iteration],
         "iteration_median_s": round(statistics.median(per_iteration), 2) if per_iteration else None,
+        "after_last_iteration_s": round(end - finished[-1], 2),  # summary, stopping workers, exit
         "iterations": len(finished),
         "picks": picks,
     }
