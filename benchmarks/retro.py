@@ -252,8 +252,13 @@ def assess_order(pool: ReplayPool, features: np.ndarray, settings, order: np.nda
 
 
 # -- the figures --------------------------------------------------------------------------------------
-def figures(trace: Trace, window_set: np.ndarray, target: float, batched: bool) -> dict:
-    """calls_to_full_recall, calls_at_stop, recall_at_stop, p_conv_at_full_recall of one trace."""
+def figures(trace: Trace, window_set: np.ndarray, target: float, batched: bool, n_pool: int | None = None) -> dict:
+    """calls_to_full_recall, calls_at_stop, recall_at_stop, p_conv_at_full_recall of one trace.
+
+    ``stop_reason`` is "p_conv" when the rule fired with structures left to measure, "pool
+    exhausted" when it only fired once every structure was measured (p_conv = 1 trivially), None
+    when it never fired along the trace.
+    """
     position = {idx: k for k, idx in enumerate(trace.order)}
     last = max(position.get(int(i), len(trace.order) + 10**9) for i in window_set) + 1
     full = None
@@ -263,11 +268,12 @@ def figures(trace: Trace, window_set: np.ndarray, target: float, batched: bool) 
             full = min((calls for calls, _ in trace.checkpoints if calls >= last), default=len(trace.order))
     found = set(int(i) for i in window_set)
     out = {"calls_to_full_recall": full, "calls_at_stop": None, "recall_at_stop": None,
-           "p_conv_at_full_recall": None}
+           "p_conv_at_full_recall": None, "stop_reason": None}
     for calls, stats in trace.checkpoints:
         if out["calls_at_stop"] is None and stats["p_conv"] >= target:
             out["calls_at_stop"] = calls
             out["recall_at_stop"] = round(len(found & set(trace.order[:calls])) / len(found), 4)
+            out["stop_reason"] = "pool exhausted" if n_pool is not None and calls >= n_pool else "p_conv"
         if full is not None and out["p_conv_at_full_recall"] is None and calls >= full:
             out["p_conv_at_full_recall"] = round(stats["p_conv"], 4)
     return out
@@ -315,7 +321,7 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
         for policy, name in (("graceq", "graceq"), ("greedy", "greedy_predicted_energy")):
             t = time.perf_counter()
             trace = run_campaign(pool, features, settings, policy, stop_when=recalled)
-            fig = figures(trace, window_set, target, batched=True)
+            fig = figures(trace, window_set, target, batched=True, n_pool=len(pool))
             fig.update(seed=seed, iterations=len(trace.checkpoints),
                        p_conv_history=[round(s["p_conv"], 4) for _, s in trace.checkpoints],
                        calls_history=[c for c, _ in trace.checkpoints])
@@ -323,12 +329,13 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
                 fig["first_picks"] = trace.order[: n_init + n_batch]
             methods[name].append(fig)
             timing.setdefault(f"{name}_s", []).append(round(time.perf_counter() - t, 1))
-            progress(f"seed {seed} {name}: {json.dumps({k: fig[k] for k in list(fig)[:4]})}")
+            progress(f"seed {seed} {name}: {json.dumps({k: fig[k] for k in list(fig)[:5]})}")
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(pool))
         t = time.perf_counter()
         full = figures(Trace(order=order.tolist()), window_set, target, batched=False)["calls_to_full_recall"]
-        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False)
+        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False,
+                      n_pool=len(pool))
         fig.update(seed=seed)
         methods["random_order"].append(fig)
         timing.setdefault("random_order_s", []).append(round(time.perf_counter() - t, 1))
@@ -344,7 +351,8 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
     ):
         t = time.perf_counter()
         full = figures(Trace(order=list(map(int, order))), window_set, target, batched=False)["calls_to_full_recall"]
-        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False)
+        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False,
+                      n_pool=len(pool))
         result[name] = dict(fig, committee_seed=seeds[0])
         timing[f"{name}_s"] = round(time.perf_counter() - t, 1)
         progress(f"{name}: {fig}")
@@ -374,12 +382,48 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
             "seeds": [r["seed"] for r in missing],
             "recall_at_stop": [r["recall_at_stop"] for r in missing],
         },
-        "graceq_never_stopped_seeds": [r["seed"] for r in g["per_seed"] if r["calls_at_stop"] is None],
+        "graceq_stopped_only_when_pool_exhausted_seeds": [
+            r["seed"] for r in g["per_seed"] if r["stop_reason"] != "p_conv"],
         "notes": (
             f"n_init {n_init}, n_batch {n_batch}; campaigns in-process with graceq.campaign decisions, "
             "continued past the stopping rule to full recall; graceq and greedy pay whole batches; random "
             "order: mean over seeds; force-field order and FPS: committee of the first seed for p_conv"),
         "timing_s": dict(timing, total=round(time.perf_counter() - started, 1)),
+    }
+
+
+def check_campaign(campaign_dir: str, cache_dir: Path | None = None) -> dict:
+    """Replay a real campaign's finished iterations in-process and compare picks and statistics.
+
+    For a campaign made by `graceq demo` or `graceq run` (replay engine): recomputes the features,
+    runs as many iterations as the campaign finished, and reports whether every pick (in order)
+    and p_conv of every iteration agree.
+    """
+    import sqlite3
+
+    from graceq.config import load_settings
+
+    root = Path(campaign_dir)
+    settings = load_settings(root / "settings.toml")
+    with sqlite3.connect(root / "state.sqlite") as db:
+        picks = [idx for (idx,) in db.execute("SELECT idx FROM picks ORDER BY iteration, rank")]
+        stored = [json.loads(s) for (s,) in db.execute("SELECT stats FROM iterations ORDER BY iteration")]
+    pool = load_pool(settings.campaign.pool, settings.campaign.unit)
+    features = campaign_features(pool, settings, cache_dir)
+    campaign_features_file = root / "artifacts" / "features.npy"
+    same_features = None
+    if campaign_features_file.exists():
+        same_features = bool(np.allclose(features, np.load(campaign_features_file), rtol=1e-9, atol=1e-12))
+    trace = run_campaign(pool, features, settings, "graceq", max_iterations=len(stored))
+    mine = trace.order + trace.next_picks
+    return {
+        "campaign": str(root.resolve()),
+        "iterations_compared": len(stored),
+        "picks_compared": len(picks),
+        "same_features": same_features,
+        "same_picks": mine == picks,
+        "first_difference": next((k for k, (a, b) in enumerate(zip(mine, picks)) if a != b), None),
+        "p_conv": [[round(s["p_conv"], 6) for _, s in trace.checkpoints], [round(s["p_conv"], 6) for s in stored]],
     }
 
 
@@ -394,7 +438,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graceq-retro-cache"),
                         help="folder for cached features")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--check-campaign", metavar="DIR",
+                        help="instead: replay the finished iterations of the campaign in DIR and compare picks")
     args = parser.parse_args(argv)
+    if args.check_campaign:
+        print(json.dumps(check_campaign(args.check_campaign, Path(args.cache))))
+        return
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = benchmark(args.pool, args.window, args.unit, args.seeds, args.n_init, args.n_batch, Path(args.cache),
                     progress=say)

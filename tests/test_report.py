@@ -170,11 +170,16 @@ def test_retro_figures_by_hand():
     window = np.array([1, 2, 3])
     sequential = retro.figures(trace, window, 0.99, batched=False)
     assert sequential == {"calls_to_full_recall": 6, "calls_at_stop": 4, "recall_at_stop": round(2 / 3, 4),
-                          "p_conv_at_full_recall": 0.9}
+                          "p_conv_at_full_recall": 0.9, "stop_reason": "p_conv"}
     assert retro.figures(trace, window, 0.99, batched=True)["calls_to_full_recall"] == 6
     late = retro.Trace(order=trace.order, checkpoints=[(5, {"p_conv": 0.5}), (8, {"p_conv": 0.999})])
-    assert retro.figures(late, window, 0.99, batched=True) == {
-        "calls_to_full_recall": 8, "calls_at_stop": 8, "recall_at_stop": 1.0, "p_conv_at_full_recall": 0.999}
+    assert retro.figures(late, window, 0.99, batched=True, n_pool=8) == {
+        "calls_to_full_recall": 8, "calls_at_stop": 8, "recall_at_stop": 1.0, "p_conv_at_full_recall": 0.999,
+        "stop_reason": "pool exhausted"}
+    never = retro.Trace(order=[5, 1, 7], checkpoints=[(3, {"p_conv": 0.4})])
+    assert retro.figures(never, window, 0.99, batched=False) == {
+        "calls_to_full_recall": None, "calls_at_stop": None, "recall_at_stop": None, "p_conv_at_full_recall": None,
+        "stop_reason": None}
 
 
 def _chromium() -> str:
