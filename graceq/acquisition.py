@@ -14,11 +14,17 @@ Two implementations of the Kriging-Believer batch select the same structures:
   one row and column, so the member's prediction anywhere changes by
   ``kappa_i(x, z) * (t - f_i(z)) / s_i`` with ``kappa_i(x, z) = k(x, z) - c_x^T M_i^{-1} c_z``
   and the Schur complement ``s_i = k(z, z) + lambda - c_z^T M_i^{-1} c_z`` (``c_x`` = [1, k(x, rows
-  of member i)]).  All members are updated at once with products over the pool x train Gram
-  matrix computed once.  When the features are fewer than a member's rows (p <= n_sub, where
-  scikit-learn also solves the primal) the same update is done in the primal with
-  Sherman-Morrison on ``[1 X]^T [1 X] + diag(0, lambda, ...)``, which stays well conditioned for
-  tiny lambda.
+  of member i)]).  The changes are folded into every member's dual coefficients, so the exact
+  member predictions of any pool row are one product with the pool x train Gram matrix (computed
+  once) -- done only for rows that can still win: ``kappa_i`` is the member's posterior
+  (ordinary-kriging) covariance, so by Cauchy-Schwarz a row's member predictions can move by at
+  most ``sqrt(kappa_i(x, x) * sum_l dev_il^2 / s_il)`` since its last exact evaluation; that bounds
+  its committee std, its exact mean is tracked for every row (matrix-vector products), and a row
+  is recomputed only when its EI upper bound reaches the best exact EI of the pick.  Picks are
+  those of the unpruned update (ties to the earliest candidate).
+  The dual is well conditioned while a member's rows are affinely independent (at most p + 1);
+  beyond that (few features, p < n_sub + n_batch) the update continues in the primal with
+  Sherman-Morrison on ``[1 X]^T [1 X] + diag(0, lambda, ...)``, for every pool row.
 """
 
 from __future__ import annotations
@@ -26,8 +32,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfcx, ndtr
 from sklearn.linear_model import Ridge
+from threadpoolctl import threadpool_limits
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+# Pool rows per block in set-up products (bounds temporaries to _BLOCK x n_train floats).
+_BLOCK = 8192
+# Rows refreshed in the first round when the EI bound cannot exclude them (doubles per round).
+_REFRESH_FIRST = 64
+# Relative margin added to the summed kriging variances against round-off (keeps the bound safe).
+_VARIANCE_MARGIN = 1e-6
 
 
 def expected_improvement(mu, sigma, best: float, window: float) -> np.ndarray:
@@ -79,7 +92,8 @@ class _Batch:
         if len(self.cand) and (self.cand.min() < 0 or self.cand.max() >= len(X_pool)):
             raise ValueError(f"candidate indices must lie in [0, {len(X_pool)})")
         n_pool = X_pool.shape[0]
-        self.X = X_pool[self.cand]
+        everything = len(self.cand) == n_pool and np.array_equal(self.cand, np.arange(n_pool))
+        self.X = X_pool if everything else X_pool[self.cand]   # no copy of a large pool
         self.offset = _per_row(offset, n_pool, "offset")[self.cand]
         self.scale = _per_row(scale, n_pool, "scale")[self.cand]
         self.best, self.window = float(best), float(window)
@@ -87,11 +101,16 @@ class _Batch:
         self.cal = float(model.calibration_)
         self.open = np.ones(len(self.cand), dtype=bool)
         self.picks, self.ei = [], []
+        self.n_refreshed = 0        # fast method: candidate rows recomputed exactly after the first pick
 
     def ei_of(self, rows, F):
         """EI of candidate rows ``rows`` given their member predictions ``F`` (rows, m)."""
-        mu = self.offset[rows] + self.scale[rows] * F.mean(axis=1)
-        sd = np.abs(self.scale[rows]) * self.cal * F.std(axis=1, ddof=1)
+        return self.ei_from(rows, F.mean(axis=1), F.std(axis=1, ddof=1))
+
+    def ei_from(self, rows, mean, std):
+        """EI of candidate rows from the uncalibrated committee mean and std (units of y)."""
+        mu = self.offset[rows] + self.scale[rows] * mean
+        sd = np.abs(self.scale[rows]) * self.cal * std
         return expected_improvement(mu, sd, self.best, self.window)
 
     def take(self, row, ei):
@@ -135,79 +154,190 @@ def _primal_inverse(rows_X, alpha):
     Xa = np.concatenate([np.ones(rows_X.shape[:2] + (1,)), rows_X], axis=2)
     A = np.einsum("mnp,mnq->mpq", Xa, Xa)
     A[:, 1:, 1:] += alpha * np.eye(p)
-    return np.linalg.inv(A)
+    with threadpool_limits(1):
+        return np.linalg.inv(A)
+
+
+def _primal_loop(b, F, Xq, Ainv, row=None):
+    """Finish the batch with primal Sherman-Morrison updates of every member and of every pool
+    row (no pruning: used when the features are fewer than a member's rows, so p is small).
+    ``F``: current member predictions of all candidates; ``row``: a pick already taken whose
+    update is still due."""
+    while True:
+        if row is None:
+            row, best_ei = _argmax_open(b.ei_of(slice(None), F), b.open)
+            b.take(row, best_ei)
+        if len(b.picks) == b.n_batch:
+            return b
+        f_z = F[row].copy()
+        dev = f_z.mean() - f_z                          # believed label minus each member
+        xa = np.concatenate([[1.0], Xq[row]])
+        h = Ainv @ xa                                   # (m, p+1)
+        s = 1.0 + h @ xa
+        F += (Xq @ h[:, 1:].T + h[:, 0]) * (dev / s)
+        Ainv -= h[:, :, None] * (h / s[:, None])[:, None, :]
+        row = None
 
 
 def _kb_fast(model, b):
     X_tr, alpha, subsets = model.X_train_, model.alpha_, model.subsets_
     m, n_sub = subsets.shape
     n_train, p = X_tr.shape
-    F = b.X @ model.coef_.T + model.intercept_          # same start as the literal recipe
+    F0 = b.X @ model.coef_.T + model.intercept_          # same start as the literal recipe
     shift = X_tr.mean(axis=0)                           # translation changes no member, helps conditioning
     Xt = X_tr - shift
-    Xq = b.X - shift
-    ei = b.ei_of(slice(None), F)
-    believed = []                                       # candidate rows believed so far
     # The dual (bordered Gram) system is well conditioned while a member's rows are affinely
-    # independent (at most p + 1 of them), the primal one once they are at least p + 1: use the
-    # dual while rows <= p + 1 and switch to the primal for good when more are added.
-    dual = n_sub <= p + 1
-    if dual:
-        Kp = Xq @ Xt.T                                  # pool x train Gram, once
-        G = Xt @ Xt.T
-        d0 = 1 + n_sub
-        d_max = d0 + min(b.n_batch, p + 1 - n_sub)
-        Minv = np.zeros((m, d_max, d_max))
-        M = np.zeros((m, d0, d0))
+    # independent (at most p + 1 of them), the primal one once they are at least p + 1: dual while
+    # rows <= p + 1, then the primal for good.
+    if n_sub >= p + 1:
+        return _primal_loop(b, F0, b.X - shift, _primal_inverse(Xt[subsets], alpha))
+    n_cand = len(b.cand)
+    n_dual = min(b.n_batch, p + 1 - n_sub)              # believed rows the dual can take
+    d0 = 1 + n_sub
+    Kp = np.empty((n_cand, n_train))                    # pool x train Gram, once
+    kxx = np.empty(n_cand)
+    for lo in range(0, n_cand, _BLOCK):
+        Xb = b.X[lo:lo + _BLOCK] - shift
+        Kp[lo:lo + _BLOCK] = Xb @ Xt.T
+        kxx[lo:lo + _BLOCK] = np.einsum("ij,ij->i", Xb, Xb)
+    G = Xt @ Xt.T
+    Minv0 = np.empty((m, d0, d0))                       # bordered inverses before any belief
+    for lo in range(0, m, 32):
+        idx = subsets[lo:lo + 32]
+        M = np.zeros((len(idx), d0, d0))
         M[:, 0, 1:] = 1.0
         M[:, 1:, 0] = 1.0
-        M[:, 1:, 1:] = G[subsets[:, :, None], subsets[:, None, :]] + alpha * np.eye(n_sub)
-        Minv[:, :d0, :d0] = np.linalg.inv(M)
-        del M
-        Kz = np.zeros((len(Xq), d_max - d0))            # pool x believed Gram, a column per pick
-        member_idx = np.arange(m)[:, None]
-    else:
-        Ainv = _primal_inverse(Xt[subsets], alpha)
-    for j in range(b.n_batch):
-        row, best_ei = _argmax_open(ei, b.open)
-        b.take(row, best_ei)
-        if j == b.n_batch - 1:
-            break
-        f_z = F[row].copy()
-        dev = f_z.mean() - f_z                          # believed label minus each member
-        if dual and n_sub + j >= p + 1:                 # the next row would break affine independence
-            dual = False
-            del Minv, Kp, Kz
-            rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Xq[believed], (m, j, p))], axis=1)
-            Ainv = _primal_inverse(rows_X, alpha)
-        if dual:
+        M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
+        with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
+            Minv0[lo:lo + 32] = np.linalg.inv(M)
+    del M
+    U = _kriging_variance_sum(Minv0, subsets, Kp, kxx)
+    member_idx = np.arange(m)[:, None]
+    theta = np.zeros((1 + n_train + n_dual, m))         # change of every member's dual coefficients
+    Kz = np.zeros((n_cand, n_dual))                     # pool x believed Gram, a column per pick
+    Ulr = np.zeros((m, d0 + n_dual, n_dual))            # Minv = pad(Minv0) + Ulr diag(1/s) Ulr^T
+    sinv = np.zeros((m, n_dual))
+    Qcum = np.zeros((n_dual + 1, m))                    # cumulative squared innovations / Schur
+    mean_u = F0.mean(axis=1)                            # exact committee mean of every row
+    std0 = F0.std(axis=1, ddof=1)
+    mean_at, dnorm = mean_u.copy(), std0 * np.sqrt(m - 1)  # at each row's last exact refresh
+    stale_since = np.zeros(n_cand, dtype=np.intp)
+    believed = []
+
+    def refresh(rows, nz):
+        """Exact member predictions of candidate rows after nz believed points."""
+        return (F0[rows] + theta[0] + Kp[rows] @ theta[1:1 + n_train]
+                + Kz[rows, :nz] @ theta[1 + n_train:1 + n_train + nz])
+
+    ei0 = b.ei_from(slice(None), mean_u, std0)
+    # per pick: small products and matrix-vector products only, where BLAS threads just spin
+    with threadpool_limits(1):
+        for j in range(b.n_batch):
+            if j == 0:
+                row, best_ei = _argmax_open(ei0, b.open)
+                f_z = F0[row].copy()
+            else:
+                row, best_ei, f_z = _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm,
+                                                   stale_since, m)
+            b.take(row, best_ei)
+            if j == b.n_batch - 1:
+                break
+            if n_sub + j >= p + 1:                          # the next row would break affine independence
+                F = np.empty((n_cand, m))
+                for lo in range(0, n_cand, _BLOCK):
+                    F[lo:lo + _BLOCK] = refresh(slice(lo, lo + _BLOCK), j)
+                Xq = b.X - shift
+                rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Xq[believed], (m, j, p))], axis=1)
+                return _primal_loop(b, F, Xq, _primal_inverse(rows_X, alpha), row=row)
+            dev = f_z.mean() - f_z                          # believed label minus each member
             d = d0 + j
-            c = np.empty((m, d))
+            c = np.empty((m, d))                            # [1, k(rows of member, z)]
             c[:, 0] = 1.0
             c[:, 1:d0] = Kp[row, subsets]
             c[:, d0:d] = Kz[row, :j]
-            g = np.einsum("mij,mj->mi", Minv[:, :d, :d], c)
-            kzz = Xq[row] @ Xq[row]
-            s = kzz + alpha - np.einsum("mi,mi->m", c, g)
-            Kz[:, j] = Xq @ Xq[row]
-            Gs = np.zeros((n_train, m))
-            Gs[subsets, member_idx] = g[:, 1:d0]
-            kappa = Kz[:, j:j + 1] - g[:, 0] - Kp @ Gs - Kz[:, :j] @ g[:, d0:d].T
-            F += kappa * (dev / s)
-            gs = g / s[:, None]
-            Minv[:, :d, :d] += g[:, :, None] * gs[:, None, :]
-            Minv[:, :d, d] = -gs
-            Minv[:, d, :d] = -gs
-            Minv[:, d, d] = 1.0 / s
-        else:
-            xa = np.concatenate([[1.0], Xq[row]])
-            h = Ainv @ xa                               # (m, p+1)
-            s = 1.0 + h @ xa
-            F += (Xq @ h[:, 1:].T + h[:, 0]) * (dev / s)
-            Ainv -= h[:, :, None] * (h / s[:, None])[:, None, :]
-        believed.append(row)
-        ei = b.ei_of(slice(None), F)
+            g = np.zeros((m, d))                            # M_i^{-1} c_i
+            g[:, :d0] = np.matmul(Minv0, c[:, :d0, None])[:, :, 0]
+            if j:
+                V = Ulr[:, :d, :j]
+                g += np.matmul(V, (np.matmul(c[:, None, :], V)[:, 0, :] * sinv[:, :j])[:, :, None])[:, :, 0]
+            s = kxx[row] + alpha - np.einsum("mi,mi->m", c, g)   # Schur complement = kappa(z,z) + lambda
+            beta = dev / s
+            Ulr[:, :d, j] = g
+            Ulr[:, d, j] = -1.0
+            sinv[:, j] = 1.0 / s
+            zq = b.X[row] - shift
+            Kz[:, j] = b.X @ zq - shift @ zq
+            # kappa_i(x, z) = [1, k(x, train), k(x, believed)] . [-g_i + e_z]: fold into theta
+            bg = beta[:, None] * g
+            theta[0] -= bg[:, 0]
+            theta[1 + subsets, member_idx] -= bg[:, 1:d0]
+            theta[1 + n_train:1 + n_train + j] -= bg[:, d0:d].T
+            theta[1 + n_train + j] += beta
+            mean_u += (-bg[:, 0].mean()
+                       + Kp @ (np.bincount(subsets.ravel(), weights=-bg[:, 1:d0].ravel(),
+                                           minlength=n_train) / m)
+                       + Kz[:, :j] @ (-bg[:, d0:d].mean(axis=0)) + Kz[:, j] * beta.mean())
+            Qcum[j + 1] = Qcum[j] + dev ** 2 / s
+            believed.append(row)
     return b
+
+
+def _kriging_variance_sum(Minv0, subsets, Kp, kxx):
+    """Return an upper bound of sum_i kappa_i(x, x) per pool row: the members' posterior
+    (ordinary-kriging) variances k(x,x) - c_x^T M_i^{-1} c_x, summed through one
+    (1 + n_train)^2 matrix, plus a round-off margin."""
+    m, d0, _ = Minv0.shape
+    n_train = Kp.shape[1]
+    A = np.zeros((1 + n_train, 1 + n_train))
+    pos = np.concatenate([np.zeros((m, 1), dtype=np.intp), 1 + subsets], axis=1)
+    for i in range(m):
+        A[np.ix_(pos[i], pos[i])] += Minv0[i]
+    U = np.empty(len(Kp))
+    for lo in range(0, len(Kp), _BLOCK):
+        C = Kp[lo:lo + _BLOCK]
+        U[lo:lo + _BLOCK] = m * kxx[lo:lo + _BLOCK] - (
+            A[0, 0] + 2.0 * C @ A[1:, 0] + np.einsum("ij,ij->i", C @ A[1:, 1:], C))
+    return np.maximum(U, 0.0) + _VARIANCE_MARGIN * m * kxx
+
+
+def _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm, stale_since, m):
+    """Return (row, EI, member predictions) of the open candidate with the largest exact EI at
+    pick j, refreshing only the rows whose EI upper bound reaches the best exact EI found.
+
+    Bound: since its last refresh at pick j0, member i's prediction at x moved by at most
+    sqrt(kappa_i(x,x) * sum_l dev_il^2 / s_il) (Cauchy-Schwarz in the member's posterior kernel,
+    whose variance only shrinks as points are believed), so the committee std is at most
+    (||d_j0|| + sqrt(U(x) max_i Q_i - m (mean shift)^2)) / sqrt(m - 1); the mean is exact.
+    """
+    stale = np.flatnonzero(b.open)
+    qmax = (Qcum[j] - Qcum[:j + 1]).max(axis=1)         # per refresh step j0
+    shift2 = m * (mean_u[stale] - mean_at[stale]) ** 2
+    extra = np.sqrt(np.maximum(U[stale] * qmax[stale_since[stale]] - shift2 * (1 - 1e-9), 0.0))
+    sd_ub = (dnorm[stale] + extra) / np.sqrt(m - 1) * (1 + 1e-9)
+    ub = b.ei_from(stale, mean_u[stale], sd_ub) * (1 + 1e-9)
+    order = np.argsort(-ub, kind="stable")
+    ub_sorted = ub[order]
+    best, best_row, best_F = -np.inf, -1, None
+    k, chunk = 0, _REFRESH_FIRST
+    while k < len(order) and ub_sorted[k] >= best:
+        sel = order[k:k + chunk][ub_sorted[k:k + chunk] >= best]
+        rows = stale[sel]
+        b.n_refreshed += len(rows)
+        F = refresh(rows, j)
+        mean = F.mean(axis=1)
+        std = F.std(axis=1, ddof=1)
+        mean_u[rows] = mean_at[rows] = mean
+        dnorm[rows] = std * np.sqrt(m - 1)
+        stale_since[rows] = j
+        ei = b.ei_from(rows, mean, std)
+        top = ei.max()
+        if top > best or (top == best and rows[ei == top].min() < best_row):
+            at = np.flatnonzero(ei == top)
+            at = at[np.argmin(rows[at])]
+            best, best_row, best_F = top, int(rows[at]), F[at].copy()
+        k += chunk
+        chunk *= 2
+    return best_row, best, best_F
 
 
 def kriging_believer(model, X_pool, candidates, best, window, n_batch, offset=0.0, scale=1.0,

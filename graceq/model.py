@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import KFold
+from threadpoolctl import threadpool_limits
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 
 # A tuple (not an array) so that scikit-learn can compare it with a parameter in repr/clone.
@@ -132,12 +133,14 @@ def fit_members(X, y, alpha: float, subsets):
             K = gram[idx[:, :, None], idx[:, None, :]]      # (c, n_sub, n_sub)
             K = K - K.mean(axis=1, keepdims=True)
             K = K - K.mean(axis=2, keepdims=True)           # centred Gram of the member's rows
-            dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
+            with threadpool_limits(1):      # batched small solves: BLAS threads only spin
+                dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
             w = np.einsum("cn,cnp->cp", dual_coef, Xm - x_mean[:, None, :])
         else:
             Xc = Xm - x_mean[:, None, :]
             A = np.einsum("cnp,cnq->cpq", Xc, Xc) + alpha * eye
-            w = np.linalg.solve(A, np.einsum("cnp,cn->cp", Xc, yc)[:, :, None])[:, :, 0]
+            with threadpool_limits(1):
+                w = np.linalg.solve(A, np.einsum("cnp,cn->cp", Xc, yc)[:, :, None])[:, :, 0]
         coef[lo:lo + len(idx)] = w
         # intercept in the caller's (unshifted) coordinates
         intercept[lo:lo + len(idx)] = y_mean - np.einsum("cp,cp->c", x_mean + shift, w)

@@ -120,3 +120,16 @@ def test_kriging_believer_rejects_bad_input():
     with pytest.raises(ValueError, match="repeated"):
         kriging_believer(model, X_pool, [1, 1, 2], best, window, 2)
     assert len(kriging_believer(model, X_pool, [], best, window, 3)) == 0
+
+
+def test_fast_prunes_rows_and_still_equals_literal():
+    """The exact EI bound must skip most rows (else the fast path is not exercised as designed)
+    while the picks stay those of the literal recipe."""
+    from graceq import acquisition
+    model, X_pool, offset, scale, best, window = campaign(100, 200, 0.05, None, seed=9, n_pool=1500)
+    args = (model, X_pool, np.arange(len(X_pool)), best, window, 8, offset, scale)
+    batch = acquisition._Batch(*args)
+    acquisition._kb_fast(model, batch)
+    assert 0 < batch.n_refreshed < 0.5 * 7 * len(X_pool)
+    lit = kriging_believer(*args, method="literal")
+    np.testing.assert_array_equal(batch.picks, lit)
