@@ -128,6 +128,24 @@ def flower_stack(tmp_path):
         stack.stop()
 
 
+def celery_client(broker: str):
+    """A Celery client of its own for this broker (graceq's queues, JSON only), like another node's.
+
+    Not graceq's module-level app: Celery caches that app's result backend and connection pool, so
+    one process that talks to two brokers in turn must not reconfigure it.
+    """
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    from graceq.app import QUEUES
+
+    client = Celery("graceq-test-client", broker=broker, backend=broker)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                       result_accept_content=["json"],
+                       task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES])
+    return client
+
+
 def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
     request = urllib.request.Request(url)
     if auth is not None:
@@ -177,18 +195,16 @@ def test_flower_shows_workers_of_each_queue_and_finished_tasks(flower_stack, tmp
     assert _get(f"{base}/workers", (s["user"], "wrong"))[0] == 401
     workers = _wait_for_workers(base, auth, tuple(f"graceq-{q}-" for q in QUEUES))
 
-    # a few tasks on each queue, through the app and Redis, as the coordinator sends them
-    from graceq import app as app_module
-    from graceq.tasks import noop
-
-    app_module.configure(broker_url=s["broker"])
+    # a few tasks on each queue, through Redis, as the coordinator sends them
+    client = celery_client(s["broker"])
     results = {}
     for queue in QUEUES:
         for k in range(3):
             value = 100 * QUEUES.index(queue) + k
-            results[(queue, value)] = noop.apply_async(args=[value], queue=queue, routing_key=queue)
+            results[(queue, value)] = client.send_task("graceq.noop", args=[value], queue=queue)
     for (queue, value), result in results.items():
         assert result.get(timeout=60, interval=0.05) == value
+    client.close()
     # every queue's worker did its own queue's tasks
     for queue in QUEUES:
         log = s["stack"].log(f"worker-{queue}")

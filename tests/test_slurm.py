@@ -81,6 +81,24 @@ def _engine_settings(sbatch: Path, **slurm) -> dict:
             "cell_filter": "none", "slurm": options}
 
 
+def celery_client(broker: str):
+    """A Celery client of its own for this broker (graceq's queues, JSON only), like another node's.
+
+    Not graceq's module-level app: Celery caches that app's result backend and connection pool, so
+    one process that talks to two brokers in turn must not reconfigure it.
+    """
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    from graceq.app import QUEUES
+
+    client = Celery("graceq-test-client", broker=broker, backend=broker)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                       result_accept_content=["json"],
+                       task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES])
+    return client
+
+
 def _wait(predicate, timeout: float, what: str, step: float = 0.3):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -268,9 +286,6 @@ def test_killed_coordinator_restarts_and_collects_every_job_once(slurm, sbatch_l
 
 # -- the pilot job of deploy/ ---------------------------------------------------------------------------
 def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
-    from graceq import app as app_module
-    from graceq.tasks import noop
-
     password = secrets.token_hex(16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,11 +305,17 @@ def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.strip()
         name = f"graceq-dft-{job_id}-0@{slurm}"
-        app_module.configure(broker_url=broker)
-        _wait(lambda: any(name in r for r in app_module.app.control.ping(timeout=1.0) or []), 90,
-              f"worker {name} to answer")
-        results = [noop.apply_async(args=[k], queue="dft") for k in range(20)]
+        client = celery_client(broker)
+        try:
+            _wait(lambda: any(name in r for r in client.control.ping(timeout=1.0) or []), 90,
+                  f"worker {name} to answer")
+        except AssertionError as exc:
+            out = tmp_path / f"pilot-{job_id}.out"
+            state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+            raise AssertionError(f"{exc}\n{state}\n{out.read_text() if out.exists() else 'no output'}") from None
+        results = [client.send_task("graceq.noop", args=[k], queue="dft") for k in range(20)]
         assert [r.get(timeout=60) for r in results] == list(range(20))
+        client.close()
         # what the time limit does (--signal=TERM@300): TERM to the workers, warm shutdown, job ends
         subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
         _wait(lambda: subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
