@@ -141,10 +141,11 @@ def _kb_literal(model, b):
         believed_y.append(F[row].mean())
         if len(b.picks) == b.n_batch:
             break
-        for i, rows in enumerate(model.subsets_):
-            ridge = Ridge(alpha=alpha).fit(np.vstack([X_tr[rows], believed_X]),
-                                           np.concatenate([y_tr[rows], believed_y]))
-            coef[i], intercept[i] = ridge.coef_, ridge.intercept_
+        with threadpool_limits(1):      # small fits: 2 BLAS threads spin and run 20x slower under load
+            for i, rows in enumerate(model.subsets_):
+                ridge = Ridge(alpha=alpha).fit(np.vstack([X_tr[rows], believed_X]),
+                                               np.concatenate([y_tr[rows], believed_y]))
+                coef[i], intercept[i] = ridge.coef_, ridge.intercept_
     return b
 
 
@@ -194,12 +195,6 @@ def _kb_fast(model, b):
     n_cand = len(b.cand)
     n_dual = min(b.n_batch, p + 1 - n_sub)              # believed rows the dual can take
     d0 = 1 + n_sub
-    Kp = np.empty((n_cand, n_train))                    # pool x train Gram, once
-    kxx = np.empty(n_cand)
-    for lo in range(0, n_cand, _BLOCK):
-        Xb = b.X[lo:lo + _BLOCK] - shift
-        Kp[lo:lo + _BLOCK] = Xb @ Xt.T
-        kxx[lo:lo + _BLOCK] = np.einsum("ij,ij->i", Xb, Xb)
     G = Xt @ Xt.T
     Minv0 = np.empty((m, d0, d0))                       # bordered inverses before any belief
     for lo in range(0, m, 32):
@@ -210,94 +205,94 @@ def _kb_fast(model, b):
         M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
         with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
             Minv0[lo:lo + 32] = np.linalg.inv(M)
-    del M
-    U = _kriging_variance_sum(Minv0, subsets, Kp, kxx)
+    del M, G
     member_idx = np.arange(m)[:, None]
-    theta = np.zeros((1 + n_train + n_dual, m))         # change of every member's dual coefficients
-    Kz = np.zeros((n_cand, n_dual))                     # pool x believed Gram, a column per pick
-    Ulr = np.zeros((m, d0 + n_dual, n_dual))            # Minv = pad(Minv0) + Ulr diag(1/s) Ulr^T
+    in_member = np.zeros((m, n_train))
+    in_member[member_idx, subsets] = 1.0 / n_sub
+    U = _kriging_variance_bound(b.X, shift, in_member @ Xt, alpha / n_sub)
+    del in_member
+    W = model.coef_.copy()                              # members' current primal weights and
+    c0 = model.intercept_.copy()                        # intercepts (original coordinates)
+    Zq = np.zeros((n_dual, p))                          # believed rows, shifted
+    Ulr = np.zeros((m, d0 + n_dual, n_dual))            # M^{-1} = pad(Minv0) + Ulr diag(1/s) Ulr^T
     sinv = np.zeros((m, n_dual))
-    Qcum = np.zeros((n_dual + 1, m))                    # cumulative squared innovations / Schur
+    Qcum = np.zeros((n_dual + 1, m))                    # cumulative squared innovation / Schur
     mean_u = F0.mean(axis=1)                            # exact committee mean of every row
     std0 = F0.std(axis=1, ddof=1)
     mean_at, dnorm = mean_u.copy(), std0 * np.sqrt(m - 1)  # at each row's last exact refresh
     stale_since = np.zeros(n_cand, dtype=np.intp)
-    believed = []
-
-    def refresh(rows, nz):
-        """Exact member predictions of candidate rows after nz believed points."""
-        return (F0[rows] + theta[0] + Kp[rows] @ theta[1:1 + n_train]
-                + Kz[rows, :nz] @ theta[1 + n_train:1 + n_train + nz])
-
     ei0 = b.ei_from(slice(None), mean_u, std0)
+    del F0
+
+    def refresh(rows):
+        """Exact member predictions of candidate rows now."""
+        return b.X[rows] @ W.T + c0
+
     # per pick: small products and matrix-vector products only, where BLAS threads just spin
     with threadpool_limits(1):
         for j in range(b.n_batch):
             if j == 0:
                 row, best_ei = _argmax_open(ei0, b.open)
-                f_z = F0[row].copy()
+                f_z = refresh([row])[0]
             else:
                 row, best_ei, f_z = _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm,
                                                    stale_since, m)
             b.take(row, best_ei)
             if j == b.n_batch - 1:
                 break
-            if n_sub + j >= p + 1:                          # the next row would break affine independence
+            if n_sub + j >= p + 1:                      # the next row would break affine independence
                 F = np.empty((n_cand, m))
                 for lo in range(0, n_cand, _BLOCK):
-                    F[lo:lo + _BLOCK] = refresh(slice(lo, lo + _BLOCK), j)
-                Xq = b.X - shift
-                rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Xq[believed], (m, j, p))], axis=1)
-                return _primal_loop(b, F, Xq, _primal_inverse(rows_X, alpha), row=row)
-            dev = f_z.mean() - f_z                          # believed label minus each member
+                    F[lo:lo + _BLOCK] = refresh(slice(lo, lo + _BLOCK))
+                rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Zq[:j], (m, j, p))], axis=1)
+                return _primal_loop(b, F, b.X - shift, _primal_inverse(rows_X, alpha), row=row)
+            dev = f_z.mean() - f_z                      # believed label minus each member
+            zq = b.X[row] - shift
             d = d0 + j
-            c = np.empty((m, d))                            # [1, k(rows of member, z)]
+            c = np.empty((m, d))                        # [1, k(rows of member i, z)]
             c[:, 0] = 1.0
-            c[:, 1:d0] = Kp[row, subsets]
-            c[:, d0:d] = Kz[row, :j]
-            g = np.zeros((m, d))                            # M_i^{-1} c_i
+            c[:, 1:d0] = (Xt @ zq)[subsets]
+            c[:, d0:d] = Zq[:j] @ zq
+            g = np.zeros((m, d))                        # M_i^{-1} c_i
             g[:, :d0] = np.matmul(Minv0, c[:, :d0, None])[:, :, 0]
             if j:
                 V = Ulr[:, :d, :j]
                 g += np.matmul(V, (np.matmul(c[:, None, :], V)[:, 0, :] * sinv[:, :j])[:, :, None])[:, :, 0]
-            s = kxx[row] + alpha - np.einsum("mi,mi->m", c, g)   # Schur complement = kappa(z,z) + lambda
+            s = zq @ zq + alpha - np.einsum("mi,mi->m", c, g)   # Schur complement = kappa(z,z) + lambda
             beta = dev / s
             Ulr[:, :d, j] = g
             Ulr[:, d, j] = -1.0
             sinv[:, j] = 1.0 / s
-            zq = b.X[row] - shift
-            Kz[:, j] = b.X @ zq - shift @ zq
-            # kappa_i(x, z) = [1, k(x, train), k(x, believed)] . [-g_i + e_z]: fold into theta
-            bg = beta[:, None] * g
-            theta[0] -= bg[:, 0]
-            theta[1 + subsets, member_idx] -= bg[:, 1:d0]
-            theta[1 + n_train:1 + n_train + j] -= bg[:, d0:d].T
-            theta[1 + n_train + j] += beta
-            mean_u += (-bg[:, 0].mean()
-                       + Kp @ (np.bincount(subsets.ravel(), weights=-bg[:, 1:d0].ravel(),
-                                           minlength=n_train) / m)
-                       + Kz[:, :j] @ (-bg[:, d0:d].mean(axis=0)) + Kz[:, j] * beta.mean())
+            # kappa_i(x, z) = x~.(z~ - sum_rows g_ir x~_r) - g_i0: member i's weights move by beta_i
+            # times that direction, its intercept absorbs the shift
+            Gs = np.zeros((m, n_train))
+            Gs[member_idx, subsets] = g[:, 1:d0]
+            direction = zq[None, :] - Gs @ Xt - g[:, d0:d] @ Zq[:j]
+            W += beta[:, None] * direction
+            c0 -= beta * (direction @ shift + g[:, 0])
+            Zq[j] = zq
             Qcum[j + 1] = Qcum[j] + dev ** 2 / s
-            believed.append(row)
+            w_mean, c_mean = W.mean(axis=0), c0.mean()
+            for lo in range(0, n_cand, _BLOCK):         # exact committee mean of every row
+                mean_u[lo:lo + _BLOCK] = b.X[lo:lo + _BLOCK] @ w_mean + c_mean
     return b
 
 
-def _kriging_variance_sum(Minv0, subsets, Kp, kxx):
-    """Return an upper bound of sum_i kappa_i(x, x) per pool row: the members' posterior
-    (ordinary-kriging) variances k(x,x) - c_x^T M_i^{-1} c_x, summed through one
-    (1 + n_train)^2 matrix, plus a round-off margin."""
-    m, d0, _ = Minv0.shape
-    n_train = Kp.shape[1]
-    A = np.zeros((1 + n_train, 1 + n_train))
-    pos = np.concatenate([np.zeros((m, 1), dtype=np.intp), 1 + subsets], axis=1)
-    for i in range(m):
-        A[np.ix_(pos[i], pos[i])] += Minv0[i]
-    U = np.empty(len(Kp))
-    for lo in range(0, len(Kp), _BLOCK):
-        C = Kp[lo:lo + _BLOCK]
-        U[lo:lo + _BLOCK] = m * kxx[lo:lo + _BLOCK] - (
-            A[0, 0] + 2.0 * C @ A[1:, 0] + np.einsum("ij,ij->i", C @ A[1:, 1:], C))
-    return np.maximum(U, 0.0) + _VARIANCE_MARGIN * m * kxx
+def _kriging_variance_bound(X, shift, member_means, alpha_per_row):
+    """Return an upper bound of sum_i kappa_i(x, x) for every row of X: member i's posterior
+    (ordinary-kriging) variance is min over weights w on its rows with sum(w) = 1 of
+    |x - sum_r w_r x_r|^2 + lambda |w|^2, and uniform weights give |x - mean_i|^2 + lambda/n_sub.
+    A relative round-off margin keeps the bound safe."""
+    m = len(member_means)
+    total = member_means.sum(axis=0)                    # member means are already shifted
+    const = np.einsum("ij,ij->", member_means, member_means) + m * alpha_per_row
+    U = np.empty(len(X))
+    for lo in range(0, len(X), _BLOCK):
+        Xb = X[lo:lo + _BLOCK] - shift
+        sq = np.einsum("ij,ij->i", Xb, Xb)
+        U[lo:lo + _BLOCK] = m * sq - 2.0 * Xb @ total + const
+        U[lo:lo + _BLOCK] = np.maximum(U[lo:lo + _BLOCK], 0.0) + _VARIANCE_MARGIN * (m * sq + const)
+    return U
 
 
 def _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm, stale_since, m):
@@ -323,7 +318,7 @@ def _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm, stale_since, 
         sel = order[k:k + chunk][ub_sorted[k:k + chunk] >= best]
         rows = stale[sel]
         b.n_refreshed += len(rows)
-        F = refresh(rows, j)
+        F = refresh(rows)
         mean = F.mean(axis=1)
         std = F.std(axis=1, ddof=1)
         mean_u[rows] = mean_at[rows] = mean
