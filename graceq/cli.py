@@ -74,7 +74,7 @@ def init(campaign_dir, settings_file, **overrides) -> None:
     from graceq.coordinator import init_campaign
 
     settings = load_settings(settings_file, _overrides(**overrides))
-    store = init_campaign(settings, campaign_dir)
+    store = init_campaign(settings, campaign_dir, source=settings_file)
     click.echo(f"created campaign {Path(campaign_dir).resolve()} with {store.n_structures()} structures")
 
 
@@ -95,7 +95,7 @@ def run(campaign_dir, settings_file, broker, max_iterations, quiet, **overrides)
     if not CampaignPaths(campaign_dir).state.exists():
         if not settings_file:
             raise click.ClickException(f"{campaign_dir}: no campaign here; pass --settings to create one")
-        init_campaign(load_settings(settings_file, _overrides(**overrides)), campaign_dir)
+        init_campaign(load_settings(settings_file, _overrides(**overrides)), campaign_dir, source=settings_file)
     summary = Coordinator(campaign_dir, broker_url=broker or None, progress=not quiet,
                           max_iterations=max_iterations).run()
     _print_summary(summary)

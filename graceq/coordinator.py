@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from graceq import campaign as cp
-from graceq.config import Settings, load_settings, write_settings
+from graceq.config import ConfigError, Settings, load_settings, write_settings
 from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
 
 log = logging.getLogger("graceq.coordinator")
@@ -35,7 +35,7 @@ class TaskError(RuntimeError):
 
 
 # -- creating a campaign ------------------------------------------------------------------------
-def init_campaign(settings: Settings, campaign_dir: str | Path) -> CampaignStore:
+def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "settings") -> CampaignStore:
     """Validate the pool and the engine, then lay out a new campaign directory.
 
     Nothing is written until every input check has passed; an existing campaign is left alone
@@ -53,7 +53,10 @@ def init_campaign(settings: Settings, campaign_dir: str | Path) -> CampaignStore
         c.pool, c.unit, energy_key=c.energy_key, name_key=c.name_key, energies_csv=c.energies_csv,
         atoms_per_molecule=c.atoms_per_molecule, on_bad_molecule=c.on_bad_molecule,
     )
-    make_engine(settings.engine.model_dump(), c.unit, pool.source)  # a missing calculator stops here
+    try:  # a calculator that cannot be loaded, a missing replay source: stop before any work
+        make_engine(settings.engine.model_dump(), c.unit, pool.source)
+    except (ValueError, ImportError, OSError) as exc:
+        raise ConfigError(f"{source} [engine]: {exc}") from None
 
     paths.root.mkdir(parents=True, exist_ok=True)
     write_settings(settings, paths.settings)

@@ -9,13 +9,16 @@ reached fmax or stopped at its step limit) both mean the reference succeeded.
 
 Settings: ``source`` (path; default the pool source), ``key`` ("energy_ref"), ``name_key``
 ("name"), ``status_key`` ("status"), ``source_unit`` (default the campaign unit),
-``return_structures`` (False: the source's structure is returned as the relaxed one when True).
+``return_structures`` (False: the source's structure is returned as the relaxed one when True),
+``delay_s`` (0: seconds each answer takes, to rehearse a deployment or measure the dispatch
+overhead with jobs of a known length).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -143,7 +146,7 @@ class ReplayEngine(ReferenceEngine):
     """Looks up each structure's reference energy (total per cell) in a completed reranking."""
 
     name = "replay"
-    SETTINGS = {"source", "key", "name_key", "status_key", "source_unit", "return_structures"}
+    SETTINGS = {"source", "key", "name_key", "status_key", "source_unit", "return_structures", "delay_s"}
 
     def __init__(self, settings: dict[str, Any], unit: str, pool_source: str | None = None):
         settings = dict(settings or {})
@@ -161,6 +164,9 @@ class ReplayEngine(ReferenceEngine):
         self.name_key = settings.get("name_key", "name")
         self.status_key = settings.get("status_key", "status")
         self.return_structures = bool(settings.get("return_structures", False))
+        self.delay_s = float(settings.get("delay_s", 0.0))
+        if not self.delay_s >= 0:
+            raise ValueError(f"engine 'replay': delay_s must be >= 0 s, got {self.delay_s}")
 
     @classmethod
     def from_settings(cls, settings, unit, pool_source=None):
@@ -176,8 +182,14 @@ class ReplayEngine(ReferenceEngine):
     def run(self, atoms: Atoms, name: str, workdir=None,
             heartbeat: Callable[[], None] | None = None) -> ReferenceResult:
         """Return the recorded outcome for ``name``; ``atoms`` and ``workdir`` are not used."""
-        if heartbeat is not None:
-            heartbeat()
+        deadline = time.monotonic() + self.delay_s
+        while True:
+            if heartbeat is not None:
+                heartbeat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.5))
         table = self._table()
         name = str(name)
         if name not in table.energy:
