@@ -181,6 +181,23 @@ def flower(broker, port, address, persistent_db, flower_args) -> None:
     os.execv(cmd[0], cmd)
 
 
+@main.command()
+@click.argument("job_dir", type=click.Path(exists=True, file_okay=False))
+def relax(job_dir) -> None:
+    """Relax one `slurm` engine job directory with its ase engine; writes JOB_DIR/result.json.
+
+    What the batch script of the `slurm` engine runs inside the allocation.
+    """
+    from graceq.engines.slurm import SlurmError, relax_job
+
+    try:
+        result = relax_job(job_dir)
+    except SlurmError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{result.name}: {result.status}, energy {result.energy}, {result.n_steps} steps"
+               + (f" ({result.message})" if result.message else ""))
+
+
 DEMO_SETTINGS = {
     "campaign": {"pool": "roy264.extxyz", "unit": "kJ/mol", "window": 5.0, "n_init": 20, "n_batch": 10,
                  "p_conv_target": 0.99, "seed": 0},

@@ -251,7 +251,10 @@ class Coordinator:
             self._ingest(i, p)
             del outputs[i]
         jobs = self.store.jobs()
+        batch = self._batch_engine()
         for i in outputs:
+            if batch is not None and (self.paths.job_dir(i) / "slurm.json").exists():
+                continue  # submitted to the batch scheduler already: polled below, never sent again
             # first send, or a resumed campaign: a duplicate is harmless (the worker sees the result
             # or the live lease and returns), a lost message is not
             lease = tasks.Lease(self.paths.job_dir(i) / "lease.json", rt.lease_timeout)
@@ -259,6 +262,8 @@ class Coordinator:
                 self._send_reference(i, count=i not in jobs)
 
         def resend_lost(missing: dict) -> None:
+            if batch is not None:
+                missing = self._poll_batch_jobs(batch, missing)
             jobs = self.store.jobs()
             now = time.time()
             for i in missing:
@@ -287,6 +292,35 @@ class Coordinator:
                     self._send_reference(i)
 
         self._wait_files(outputs, "reference jobs", on_ready=self._ingest, on_idle=resend_lost)
+
+    def _batch_engine(self):
+        """The campaign's engine when it is a batch scheduler (slurm: submit, then poll), else None."""
+        if self.settings.engine.engine != "slurm":
+            return None
+        from graceq.engines import make_engine
+
+        return make_engine(self.settings.engine.model_dump(), self.settings.campaign.unit, None)
+
+    def _poll_batch_jobs(self, engine, missing: dict) -> dict:
+        """Write the result file of every submitted job that ended; returns the jobs not yet submitted.
+
+        A submitted job belongs to the scheduler: the engine resubmits one that vanished without a
+        result (up to its limit) and reports it failed after that, so the lease logic below is only
+        for jobs whose Celery task has not submitted them yet.
+        """
+        from graceq.store import atomic_write_json
+
+        submitted = {i: self.paths.job_dir(i) for i in missing if (self.paths.job_dir(i) / "slurm.json").exists()}
+        if submitted:
+            answers = engine.poll_many(list(submitted.values()))
+            for i, workdir in submitted.items():
+                result = answers[workdir.resolve()]
+                if result is not None:  # the job's own record (compute host, SLURM job id), else the engine's
+                    raw = workdir / "result.json"
+                    record = json.loads(raw.read_text()) if raw.exists() else result.to_json()
+                    record["idx"] = int(i)
+                    atomic_write_json(self.paths.result(i), record)
+        return {i: p for i, p in missing.items() if i not in submitted}
 
     def _send_reference(self, idx: int, count: bool = True) -> None:
         """Send job idx; `count` is False for a resumed campaign's re-send (not a new attempt)."""

@@ -238,6 +238,10 @@ def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
         atoms = read_frames_db(paths.structures, [idx])[0]
         try:
             engine = make_engine(settings.engine.model_dump(), settings.campaign.unit, meta.get("source"))
+            if callable(getattr(engine, "submit", None)):
+                # a batch-scheduler engine (slurm): submit (idempotent) and return; the coordinator
+                # polls the job, which survives this worker and the coordinator
+                return {"idx": idx, "submitted": engine.submit(atoms, name, paths.job_dir(idx))}
             result = engine.run(atoms, name, paths.job_dir(idx), heartbeat=lease.beat)
         except Exception as exc:  # the engine itself broke: a failed reference, with the reason
             result = ReferenceResult(name=name, status="failed", energy=None, atoms=None,
