@@ -211,29 +211,37 @@ def _kb_fast(model, b):
     in_member[member_idx, subsets] = 1.0 / n_sub
     U = _kriging_variance_bound(b.X, shift, in_member @ Xt, alpha / n_sub)
     del in_member
-    W = model.coef_.copy()                              # members' current primal weights and
-    c0 = model.intercept_.copy()                        # intercepts (original coordinates)
+    # Member i now predicts F0_i(x) + theta_i . [1, k(x, train rows), k(x, believed rows)]
+    # (k: dot products of shifted features); theta holds the dual-coefficient changes.
+    theta = np.zeros((1 + n_train + n_dual, m))
     Zq = np.zeros((n_dual, p))                          # believed rows, shifted
     Ulr = np.zeros((m, d0 + n_dual, n_dual))            # M^{-1} = pad(Minv0) + Ulr diag(1/s) Ulr^T
     sinv = np.zeros((m, n_dual))
     Qcum = np.zeros((n_dual + 1, m))                    # cumulative squared innovation / Schur
-    mean_u = F0.mean(axis=1)                            # exact committee mean of every row
+    mean0 = F0.mean(axis=1)
+    mean_u = mean0.copy()                               # exact committee mean of every row
     std0 = F0.std(axis=1, ddof=1)
     mean_at, dnorm = mean_u.copy(), std0 * np.sqrt(m - 1)  # at each row's last exact refresh
     stale_since = np.zeros(n_cand, dtype=np.intp)
     ei0 = b.ei_from(slice(None), mean_u, std0)
-    del F0
+    gram_rows = _GramRowCache(b.X, shift, Xt)
+    n_believed = 0
 
     def refresh(rows):
         """Exact member predictions of candidate rows now."""
-        return b.X[rows] @ W.T + c0
+        rows = np.atleast_1d(rows)
+        K = gram_rows(rows)
+        F = F0[rows] + theta[0] + K @ theta[1:1 + n_train]
+        if n_believed:
+            F += (b.X[rows] - shift) @ Zq[:n_believed].T @ theta[1 + n_train:1 + n_train + n_believed]
+        return F
 
     # per pick: small products and matrix-vector products only, where BLAS threads just spin
     with threadpool_limits(1):
         for j in range(b.n_batch):
             if j == 0:
                 row, best_ei = _argmax_open(ei0, b.open)
-                f_z = refresh([row])[0]
+                f_z = F0[row].copy()
             else:
                 row, best_ei, f_z = _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm,
                                                    stale_since, m)
@@ -241,9 +249,12 @@ def _kb_fast(model, b):
             if j == b.n_batch - 1:
                 break
             if n_sub + j >= p + 1:                      # the next row would break affine independence
+                # members' primal weights from their dual changes, then every row exactly
+                W = model.coef_ + theta[1:1 + n_train].T @ Xt + theta[1 + n_train:1 + n_train + j].T @ Zq[:j]
+                c0 = model.intercept_ + theta[0] - (W - model.coef_) @ shift
                 F = np.empty((n_cand, m))
                 for lo in range(0, n_cand, _BLOCK):
-                    F[lo:lo + _BLOCK] = refresh(slice(lo, lo + _BLOCK))
+                    F[lo:lo + _BLOCK] = b.X[lo:lo + _BLOCK] @ W.T + c0
                 rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Zq[:j], (m, j, p))], axis=1)
                 return _primal_loop(b, F, b.X - shift, _primal_inverse(rows_X, alpha), row=row)
             dev = f_z.mean() - f_z                      # believed label minus each member
@@ -251,7 +262,7 @@ def _kb_fast(model, b):
             d = d0 + j
             c = np.empty((m, d))                        # [1, k(rows of member i, z)]
             c[:, 0] = 1.0
-            c[:, 1:d0] = (Xt @ zq)[subsets]
+            c[:, 1:d0] = gram_rows(np.array([row]))[0][subsets]
             c[:, d0:d] = Zq[:j] @ zq
             g = np.zeros((m, d))                        # M_i^{-1} c_i
             g[:, :d0] = np.matmul(Minv0, c[:, :d0, None])[:, :, 0]
@@ -263,19 +274,43 @@ def _kb_fast(model, b):
             Ulr[:, :d, j] = g
             Ulr[:, d, j] = -1.0
             sinv[:, j] = 1.0 / s
-            # kappa_i(x, z) = x~.(z~ - sum_rows g_ir x~_r) - g_i0: member i's weights move by beta_i
-            # times that direction, its intercept absorbs the shift
-            Gs = np.zeros((m, n_train))
-            Gs[member_idx, subsets] = g[:, 1:d0]
-            direction = zq[None, :] - Gs @ Xt - g[:, d0:d] @ Zq[:j]
-            W += beta[:, None] * direction
-            c0 -= beta * (direction @ shift + g[:, 0])
+            # kappa_i(x, z) = [1, k(x, train), k(x, believed), k(x, z)] . [-g_i, +1]: member i's
+            # dual coefficients move by beta_i times that
+            bg = beta[:, None] * g
+            theta[0] -= bg[:, 0]
+            theta[1 + subsets, member_idx] -= bg[:, 1:d0]
+            theta[1 + n_train:1 + n_train + j] -= bg[:, d0:d].T
+            theta[1 + n_train + j] += beta
             Zq[j] = zq
+            n_believed = j + 1
             Qcum[j + 1] = Qcum[j] + dev ** 2 / s
-            w_mean, c_mean = W.mean(axis=0), c0.mean()
+            tbar = theta[:1 + n_train + n_believed].mean(axis=1)
+            v = Xt.T @ tbar[1:1 + n_train] + Zq[:n_believed].T @ tbar[1 + n_train:]
+            c_mean = tbar[0] - shift @ v
             for lo in range(0, n_cand, _BLOCK):         # exact committee mean of every row
-                mean_u[lo:lo + _BLOCK] = b.X[lo:lo + _BLOCK] @ w_mean + c_mean
+                mean_u[lo:lo + _BLOCK] = mean0[lo:lo + _BLOCK] + b.X[lo:lo + _BLOCK] @ v + c_mean
     return b
+
+
+class _GramRowCache:
+    """Rows of the pool x train Gram matrix (shifted features), computed when first needed:
+    only the few pool rows that can still win are ever evaluated exactly."""
+
+    def __init__(self, X, shift, Xt):
+        self.X, self.shift, self.Xt = X, shift, Xt
+        self.slot = np.full(len(X), -1, dtype=np.intp)
+        self.store = np.empty((min(len(X), 1024), len(Xt)))
+        self.used = 0
+
+    def __call__(self, rows):
+        new = np.unique(rows[self.slot[rows] < 0])
+        if len(new):
+            while self.used + len(new) > len(self.store):
+                self.store = np.concatenate([self.store, np.empty_like(self.store)])
+            self.store[self.used:self.used + len(new)] = (self.X[new] - self.shift) @ self.Xt.T
+            self.slot[new] = np.arange(self.used, self.used + len(new))
+            self.used += len(new)
+        return self.store[self.slot[rows]]
 
 
 def _kriging_variance_bound(X, shift, member_means, alpha_per_row):
@@ -310,12 +345,20 @@ def _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm, stale_since, 
     extra = np.sqrt(np.maximum(U[stale] * qmax[stale_since[stale]] - shift2 * (1 - 1e-9), 0.0))
     sd_ub = (dnorm[stale] + extra) / np.sqrt(m - 1) * (1 + 1e-9)
     ub = b.ei_from(stale, mean_u[stale], sd_ub) * (1 + 1e-9)
-    order = np.argsort(-ub, kind="stable")
-    ub_sorted = ub[order]
+    # the few largest bounds usually suffice: sort those first, the rest only if they are reached
+    head = min(len(ub), 4 * _REFRESH_FIRST)
+    order = np.argpartition(-ub, head - 1)[:head] if head < len(ub) else np.arange(len(ub))
+    order = order[np.argsort(-ub[order], kind="stable")]
     best, best_row, best_F = -np.inf, -1, None
     k, chunk = 0, _REFRESH_FIRST
-    while k < len(order) and ub_sorted[k] >= best:
-        sel = order[k:k + chunk][ub_sorted[k:k + chunk] >= best]
+    while True:
+        if k >= len(order) and len(order) < len(ub):
+            rest = np.setdiff1d(np.arange(len(ub)), order, assume_unique=True)
+            order = np.concatenate([order, rest[np.argsort(-ub[rest], kind="stable")]])
+        if k >= len(order) or ub[order[k]] < best:
+            break
+        sel = order[k:k + chunk]
+        sel = sel[ub[sel] >= best]
         rows = stale[sel]
         b.n_refreshed += len(rows)
         F = refresh(rows)
@@ -330,7 +373,7 @@ def _pruned_argmax(b, j, refresh, U, Qcum, mean_u, mean_at, dnorm, stale_since, 
             at = np.flatnonzero(ei == top)
             at = at[np.argmin(rows[at])]
             best, best_row, best_F = top, int(rows[at]), F[at].copy()
-        k += chunk
+        k += len(order[k:k + chunk])
         chunk *= 2
     return best_row, best, best_F
 

@@ -122,10 +122,13 @@ def test_kriging_believer_rejects_bad_input():
     assert len(kriging_believer(model, X_pool, [], best, window, 3)) == 0
 
 
-def test_fast_prunes_rows_and_still_equals_literal():
+@pytest.mark.parametrize("first_round", [64, 1])
+def test_fast_prunes_rows_and_still_equals_literal(first_round, monkeypatch):
     """The exact EI bound must skip most rows (else the fast path is not exercised as designed)
-    while the picks stay those of the literal recipe."""
+    while the picks stay those of the literal recipe; first_round=1 forces many refresh rounds
+    and the lazy sort of the bounds beyond the first few."""
     from graceq import acquisition
+    monkeypatch.setattr(acquisition, "_REFRESH_FIRST", first_round)
     model, X_pool, offset, scale, best, window = campaign(100, 200, 0.05, None, seed=9, n_pool=1500)
     args = (model, X_pool, np.arange(len(X_pool)), best, window, 8, offset, scale)
     batch = acquisition._Batch(*args)
