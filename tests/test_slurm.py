@@ -202,6 +202,33 @@ def test_a_job_that_ends_without_result_is_resubmitted_then_failed(slurm, sbatch
     assert "FAILED" in result.message and "slurm-" in result.message
 
 
+def test_a_submit_that_died_before_recording_its_job_adopts_it(slurm, sbatch_log, tmp_path):
+    """sbatch ran, then the worker died before slurm.json: the next submit finds the job in squeue."""
+    from graceq.engines import make_engine
+
+    wrapper, log = sbatch_log
+    engine = make_engine(_engine_settings(wrapper, command="true", setup=["sleep 30"]), "kJ/mol")
+    atoms = _benzamide(1)[0]
+    workdir = tmp_path / "interrupted"
+    try:
+        job_id = engine.submit(atoms, atoms.info["name"], workdir)
+        (workdir / "slurm.json").unlink()  # what a kill between sbatch and the record leaves
+        assert engine.submit(atoms, atoms.info["name"], workdir) == job_id
+        assert len(_calls(log)) == 1
+        record = json.loads((workdir / "slurm.json").read_text())
+        assert record["job_id"] == job_id and record["submissions"][0]["adopted"]
+        # a job directory SLURM never saw is submitted normally
+        (workdir / "slurm.json").unlink()
+        subprocess.run(["scancel", job_id], check=True)
+        _wait(lambda: subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                                     text=True).stdout.strip() in ("", "CANCELLED"), 30, "the cancel")
+        other = tmp_path / "elsewhere"
+        assert engine.submit(atoms, atoms.info["name"], other) != job_id
+        assert len(_calls(log)) == 2
+    finally:
+        _cancel_jobs_under(tmp_path)
+
+
 # -- a campaign: coordinator killed while SLURM holds its jobs -------------------------------------------
 def _campaign_settings(folder: Path, wrapper: Path) -> Path:
     import tomli_w

@@ -173,13 +173,30 @@ class SlurmEngine(_EngineBase):
         return proc
 
     # -- the job directory -------------------------------------------------------------------------
+    @staticmethod
+    def job_name(name: str) -> str:
+        """The SLURM job name of a structure: graceq-<name>, shell- and squeue-safe."""
+        return "graceq-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]
+
+    def _find_job(self, name: str, workdir: Path) -> str | None:
+        """The id of a job SLURM knows with this structure's job name and working directory."""
+        try:
+            proc = self._call([self.options.squeue, "-h", "-t", "all", "--name", self.job_name(name),
+                               "-o", "%i|%Z"], ok_codes=(0, 1))
+        except SlurmError:
+            return None
+        for line in proc.stdout.splitlines():
+            job_id, _, where = line.strip().partition("|")
+            if where and Path(where).resolve() == workdir and job_id.isdigit():
+                return job_id
+        return None
+
     def batch_script(self, name: str, workdir: Path) -> str:
         """The batch script of one job: #SBATCH options, setup lines, then `graceq relax <workdir>`."""
         o = self.options
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]
         lines = [
             "#!/bin/bash",
-            f"#SBATCH --job-name=graceq-{safe}",
+            f"#SBATCH --job-name={self.job_name(name)}",
             f"#SBATCH --output={workdir}/slurm-%j.out",
             f"#SBATCH --chdir={workdir}",
             "#SBATCH --nodes=1",
@@ -241,6 +258,15 @@ class SlurmEngine(_EngineBase):
             record = _read_json(workdir / "slurm.json")
             if record and record.get("job_id"):
                 return str(record["job_id"])
+            if (workdir / "job.sh").exists():
+                # an earlier submit died between sbatch and slurm.json: adopt its job if SLURM has it
+                found = self._find_job(name, workdir)
+                if found is not None:
+                    record = {"name": name, "job_id": found, "submissions": [
+                        {"job_id": found, "submitted_at": time.time(), "host": socket.gethostname(),
+                         "adopted": True}]}
+                    _atomic_write_text(workdir / "slurm.json", json.dumps(record, indent=1))
+                    return found
             write(workdir / "structure.extxyz", atoms, format="extxyz")
             _atomic_write_text(workdir / "job.json", json.dumps(
                 {"name": name, "unit": self.unit, "engine": self.inner_settings}, indent=1))
