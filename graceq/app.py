@@ -4,7 +4,8 @@ Two ways to run, with the same tasks and the same messages:
 
 - **scale-out**: ``GRACEQ_BROKER_URL=redis://[:password@]host:port/db`` (``rediss://`` for TLS);
   results go to the same Redis unless ``GRACEQ_RESULT_BACKEND`` names another.
-- **embedded** (no broker configured): kombu's ``filesystem://`` transport with its message folder
+- **embedded** (no broker configured): kombu's folder transport (``graceq.broker``: the
+  ``filesystem://`` transport with atomic message files) with its message folder
   inside the campaign directory (``GRACEQ_EMBEDDED_DIR``), and worker processes started by
   ``graceq run``. No server to start; messages are still serialised, routed and consumed by real
   Celery workers.
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from celery import Celery
 from kombu import Exchange, Queue
+
+import graceq.broker  # noqa: F401  (registers the embedded graceqfs:// transport)
 
 QUEUES = ("featurize", "fit", "dft")
 
@@ -82,7 +85,7 @@ def configure(broker_url: str | None = None, embedded_dir: str | Path | None = N
         for sub in ("queue", "control", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf.update(
-            broker_url="filesystem://localhost/",
+            broker_url="graceqfs://localhost/",
             broker_transport_options={
                 "data_folder_in": str(folder / "queue"),
                 "data_folder_out": str(folder / "queue"),

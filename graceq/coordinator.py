@@ -131,7 +131,7 @@ class EmbeddedWorkers:
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.terminate()  # warm shutdown: the worker finishes its tasks and stops its pool
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
