@@ -14,14 +14,17 @@ Two implementations of the Kriging-Believer batch select the same structures:
   one row and column, so the member's prediction anywhere changes by
   ``kappa_i(x, z) * (t - f_i(z)) / s_i`` with ``kappa_i(x, z) = k(x, z) - c_x^T M_i^{-1} c_z``
   and the Schur complement ``s_i = k(z, z) + lambda - c_z^T M_i^{-1} c_z`` (``c_x`` = [1, k(x, rows
-  of member i)]).  The changes are folded into every member's dual coefficients, so the exact
-  member predictions of any pool row are one product with the pool x train Gram matrix (computed
-  once) -- done only for rows that can still win: ``kappa_i`` is the member's posterior
-  (ordinary-kriging) covariance, so by Cauchy-Schwarz a row's member predictions can move by at
-  most ``sqrt(kappa_i(x, x) * sum_l dev_il^2 / s_il)`` since its last exact evaluation; that bounds
-  its committee std, its exact mean is tracked for every row (matrix-vector products), and a row
-  is recomputed only when its EI upper bound reaches the best exact EI of the pick.  Picks are
-  those of the unpruned update (ties to the earliest candidate).
+  of member i)]).  The changes are folded into every member's dual coefficients (all members at
+  once, small batched products), so the exact member predictions of a pool row are one product
+  of its pool x train Gram row with them.  Only rows that can still win are evaluated: ``kappa_i``
+  is member i's posterior (ordinary-kriging) covariance, so by Cauchy-Schwarz a row's member
+  predictions move by at most ``sqrt(kappa_i(x, x) * sum_l dev_il^2 / s_il)`` since its last exact
+  evaluation (``kappa_i(x, x)`` only shrinks as points are believed, and is bounded by the
+  squared distance to the member's mean row + lambda / n_sub); that bounds the committee std,
+  the exact committee mean of every row costs one pool x features matrix-vector product per pick,
+  and a row is recomputed (its Gram row computed once, then cached) only when its EI upper bound
+  reaches the best exact EI of the pick.  The picks are those of the unpruned update, ties to the
+  earliest candidate; no pool x train x members product is ever formed.
   The dual is well conditioned while a member's rows are affinely independent (at most p + 1);
   beyond that (few features, p < n_sub + n_batch) the update continues in the primal with
   Sherman-Morrison on ``[1 X]^T [1 X] + diag(0, lambda, ...)``, for every pool row.
@@ -74,7 +77,8 @@ def _per_row(value, n_pool, name):
     if arr.ndim == 0:
         return np.full(n_pool, float(arr))
     if arr.shape != (n_pool,):
-        raise ValueError(f"{name} must be a scalar or one value per pool row ({n_pool}), got shape {arr.shape}")
+        raise ValueError(f"{name} must be a scalar or one value per pool row ({n_pool}), "
+                         f"got shape {arr.shape}")
     return arr
 
 
