@@ -1,0 +1,57 @@
+"""The embedded folder broker delivers every message exactly once, whole, to competing consumers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from queue import Empty
+
+from kombu import Connection
+
+import graceq.broker  # noqa: F401  (registers graceqfs://)
+
+
+def _options(folder):
+    for sub in ("queue", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"), "control_folder": str(folder / "control"),
+            "polling_interval": 0.01}
+
+
+def _consume(folder, out, deadline_s):
+    with Connection("graceqfs://localhost/", transport_options=_options(folder)) as conn:
+        queue = conn.SimpleQueue("dft")
+        got = []
+        end = time.time() + deadline_s
+        while time.time() < end:
+            try:
+                message = queue.get(timeout=0.2)
+            except Empty:
+                continue
+            got.append(message.payload["n"])
+            message.ack()
+            if message.payload["n"] == -1:
+                break
+        out.put(got)
+
+
+def test_two_consumers_racing_a_producer_get_each_message_once(tmp_path):
+    out = mp.Queue()
+    consumers = [mp.Process(target=_consume, args=(tmp_path, out, 60)) for _ in range(2)]
+    for proc in consumers:
+        proc.start()
+    n = 400
+    with Connection("graceqfs://localhost/", transport_options=_options(tmp_path)) as conn:
+        queue = conn.SimpleQueue("dft")
+        for i in range(n):
+            queue.put({"n": i, "padding": "x" * 20000})  # large enough to be caught half-written
+        queue.put({"n": -1})
+        queue.put({"n": -1})
+    received = out.get(timeout=90) + out.get(timeout=90)
+    for proc in consumers:
+        proc.join(timeout=10)
+        assert proc.exitcode == 0
+    numbers = [i for i in received if i >= 0]
+    assert sorted(numbers) == list(range(n)), "a message was lost or delivered twice"
+    assert list((tmp_path / "queue").iterdir()) == []
