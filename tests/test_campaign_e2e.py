@@ -139,3 +139,14 @@ def test_worker_killed_during_a_reference_job_is_redelivered_and_recorded_once(r
         attempts = db.execute("SELECT attempts FROM jobs WHERE idx = ?", (job,)).fetchone()[0]
     assert attempts >= 2, "the killed job was not sent again"
     assert "rescuer" in (tmp_path / "worker2.log").read_text()
+
+
+def test_status_and_report_commands(embedded_run):
+    campaign, _ = embedded_run
+    status = run_cli("status", str(campaign)).stdout
+    for word in ("iteration", "p_conv", "residual", "sampled", "reference"):
+        assert word in status, status
+    summary = json.loads((campaign / "summary.json").read_text())
+    assert f"{summary['iterations'][-1]['p_conv']:.4f}" in status
+    report = run_cli("report", str(campaign)).stdout
+    assert "structures.csv" in report and "summary.json" in report
