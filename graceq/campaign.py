@@ -23,6 +23,10 @@ from graceq.selection import farthest_point_sampling
 STABLE = "converged"
 
 
+class CampaignError(RuntimeError):
+    """The campaign cannot go on as set up; the message says why and what to change."""
+
+
 def per_molecule(energy_cell, n_atoms, atoms_per_molecule: int) -> np.ndarray:
     """Energy per molecule from a total per cell (same unit): E_cell / N_atoms * atoms_per_molecule."""
     return np.asarray(energy_cell, dtype=float) / np.asarray(n_atoms, dtype=float) * atoms_per_molecule
@@ -90,7 +94,14 @@ def plan_committee(view: CampaignView, model_settings, seed: int, iteration: int
     """Chronological 80/20 split of the stable labelled structures and the members' subsets."""
     rows = view.stable_rows()
     y = view.delta_per_atom(rows)
-    train, test = chronological_split(len(rows), model_settings.train_fraction)
+    try:
+        train, test = chronological_split(len(rows), model_settings.train_fraction, model_settings.cv)
+    except ValueError as exc:
+        raise CampaignError(
+            f"only {len(rows)} of the {len(view.picks)} structures sent to the reference level converged "
+            f"({view.count('unstable')} unstable, {view.count('failed')} failed): too few to fit the "
+            f"committee ({exc}). Raise n_init, or check the engine's messages in results/."
+        ) from None
     params = dict(
         n_members=model_settings.n_members,
         subsample=model_settings.subsample,

@@ -23,12 +23,13 @@ def _user_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from graceq.campaign import CampaignError
         from graceq.coordinator import TaskError
         from graceq.io import InputError
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, InputError, TaskError, FileExistsError, FileNotFoundError) as exc:
+        except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
