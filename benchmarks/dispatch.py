@@ -192,7 +192,9 @@ def main() -> None:
         shutil.copyfile(args.pool, pool)
         settings = work / "settings.toml"
         settings.write_text(settings_toml(pool, args.seed))
-        figures: dict = {"pool": args.pool, "cores": os.cpu_count()}
+        # the machine is shared: the load says how much the figures owe to other processes
+        figures: dict = {"pool": args.pool, "cores": os.cpu_count(),
+                         "load_average_before": [round(x, 2) for x in os.getloadavg()]}
 
         figures["embedded"] = run_campaign(work / "embedded", settings, args.iterations, None)
 
@@ -213,6 +215,7 @@ def main() -> None:
         procs.append(workers[-1])
         wait_workers(broker, 2)
         figures["noop_throughput"] = noop_throughput(broker, args.tasks)
+        figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         stop(list(reversed(procs)))
         shutil.rmtree(work, ignore_errors=True)
@@ -221,7 +224,8 @@ def main() -> None:
         print(json.dumps(figures, indent=1))
         return
     e, r, n, t = figures["embedded"], figures["redis"], figures["noop_round_trip"], figures["noop_throughput"]
-    print(f"pool {figures['pool']}, {figures['cores']} cores; same picks: {figures['same_picks']}")
+    print(f"pool {figures['pool']}, {figures['cores']} cores (load {figures['load_average_before']} -> "
+          f"{figures['load_average_after']}); same picks: {figures['same_picks']}")
     for label, f in (("embedded (folder broker, 2 processes)", e), ("redis + 2 worker processes", r)):
         print(f"{label:40s} featurize {f['featurize_s']:7.2f} s, iteration 0 {f['iteration0_s']:6.2f} s, "
               f"later iterations median {f['iteration_median_s']} s {f['iteration_s']}, total {f['total_s']} s")
