@@ -1,7 +1,8 @@
 """Retrospective benchmark: how many reference calls graceq needs on a pool whose answers are known.
 
     python benchmarks/retro.py [--pool PATH] [--window 5] [--unit kJ/mol] [--json]
-                               [--seeds 0 1 2] [--n-init 20] [--n-batch 10]
+                               [--seeds 0 1 2] [--n-init 20] [--n-batch 10] [--on-bad-molecule skip]
+    python benchmarks/retro.py --check-campaign DIR
 
 Runs full replay campaigns (one per seed) and four baselines on the same pool, all in-process and
 through the same functions the coordinator calls (``graceq.campaign.initial_batch``,
@@ -64,6 +65,7 @@ class ReplayPool:
     energy_ff: np.ndarray          # total per cell, campaign unit
     outcomes: list                 # (status, E_ref total per cell or None) from the replay engine
     atoms_per_molecule: int
+    n_dropped: int = 0             # structures of the file left out (on_bad_molecule = "skip")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -92,12 +94,23 @@ class ReplayPool:
         return self.outcomes[idx]
 
 
-def load_pool(path: str, unit: str) -> ReplayPool:
-    """Read the pool as a campaign does (graceq.io.read_pool) and ask the replay engine for every answer."""
+def load_pool(path: str, unit: str, on_bad_molecule: str = "error") -> ReplayPool:
+    """Read the pool as a campaign does (graceq.io.read_pool) and ask the replay engine for every answer.
+
+    ``on_bad_molecule="skip"`` drops structures whose molecules are broken (as the campaign setting
+    of that name does); ``n_dropped`` counts them.
+    """
+    import warnings
+
+    import ase.io
+
     from graceq.engines import make_engine
     from graceq.io import read_pool
 
-    pool = read_pool(path, unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped structures are counted below
+        pool = read_pool(path, unit, on_bad_molecule=on_bad_molecule)
+    n_file = len(ase.io.read(path, ":")) if on_bad_molecule == "skip" else len(pool)
     engine = make_engine({"engine": "replay"}, pool.unit, pool.source)
     outcomes = []
     for atoms, name in zip(pool.frames, pool.names):
@@ -108,7 +121,7 @@ def load_pool(path: str, unit: str) -> ReplayPool:
     return ReplayPool(
         source=str(path), frames=list(pool.frames), names=np.asarray(pool.names, dtype=object),
         n_atoms=np.asarray(pool.n_atoms, dtype=int), energy_ff=np.asarray(pool.energy_ff, dtype=float),
-        outcomes=outcomes, atoms_per_molecule=int(pool.atoms_per_molecule),
+        outcomes=outcomes, atoms_per_molecule=int(pool.atoms_per_molecule), n_dropped=n_file - len(pool),
     )
 
 
@@ -291,24 +304,26 @@ def summarise(per_seed: list[dict]) -> dict:
     return out
 
 
-def make_settings(pool_path: str, unit: str, window: float, n_init: int, n_batch: int, seed: int):
+def make_settings(pool_path: str, unit: str, window: float, n_init: int, n_batch: int, seed: int,
+                  on_bad_molecule: str = "error"):
     """The campaign settings of the benchmark: the defaults, with the pool's unit, window and batches."""
     return settings_from_dict({"campaign": {"pool": str(pool_path), "unit": unit, "window": window,
-                                            "n_init": n_init, "n_batch": n_batch, "seed": seed}})
+                                            "n_init": n_init, "n_batch": n_batch, "seed": seed,
+                                            "on_bad_molecule": on_bad_molecule}})
 
 
 def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init: int, n_batch: int,
-              cache_dir: Path, progress=print) -> dict:
+              cache_dir: Path, progress=print, on_bad_molecule: str = "error") -> dict:
     """All the figures of the benchmark as one JSON-ready dict."""
     started = time.perf_counter()
-    pool = load_pool(pool_path, unit)
+    pool = load_pool(pool_path, unit, on_bad_molecule)
     window_set = pool.window_structures(window)
     n_window = len(window_set)
     methods: dict[str, list] = {"graceq": [], "greedy_predicted_energy": [], "random_order": []}
     timing = {}
     features_by_seed = {}
     for seed in seeds:
-        settings = make_settings(pool_path, unit, window, n_init, n_batch, seed)
+        settings = make_settings(pool_path, unit, window, n_init, n_batch, seed, on_bad_molecule)
         target = settings.campaign.p_conv_target
         t = time.perf_counter()
         features = features_by_seed[seed] = campaign_features(pool, settings, cache_dir)
@@ -341,7 +356,7 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
         timing.setdefault("random_order_s", []).append(round(time.perf_counter() - t, 1))
         progress(f"seed {seed} random: {fig}")
 
-    settings = make_settings(pool_path, unit, window, n_init, n_batch, seeds[0])
+    settings = make_settings(pool_path, unit, window, n_init, n_batch, seeds[0], on_bad_molecule)
     target = settings.campaign.p_conv_target
     features = features_by_seed[seeds[0]]
     result = {k: summarise(v) for k, v in methods.items()}
@@ -364,6 +379,7 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
         "pool": str(pool_path),
         "n_pool": len(pool),
         "n_unstable": int((~pool.stable).sum()),
+        "n_dropped_bad_molecules": pool.n_dropped,
         "unit": unit,
         "energy_basis": "per molecule",
         "window": window,
@@ -408,7 +424,7 @@ def check_campaign(campaign_dir: str, cache_dir: Path | None = None) -> dict:
     with sqlite3.connect(root / "state.sqlite") as db:
         picks = [idx for (idx,) in db.execute("SELECT idx FROM picks ORDER BY iteration, rank")]
         stored = [json.loads(s) for (s,) in db.execute("SELECT stats FROM iterations ORDER BY iteration")]
-    pool = load_pool(settings.campaign.pool, settings.campaign.unit)
+    pool = load_pool(settings.campaign.pool, settings.campaign.unit, settings.campaign.on_bad_molecule)
     features = campaign_features(pool, settings, cache_dir)
     campaign_features_file = root / "artifacts" / "features.npy"
     same_features = None
@@ -437,6 +453,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-batch", type=int, default=10)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graceq-retro-cache"),
                         help="folder for cached features")
+    parser.add_argument("--on-bad-molecule", choices=("error", "skip"), default="error",
+                        help="skip: drop structures with broken molecules, as the campaign setting does")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--check-campaign", metavar="DIR",
                         help="instead: replay the finished iterations of the campaign in DIR and compare picks")
@@ -446,7 +464,7 @@ def main(argv=None) -> None:
         return
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = benchmark(args.pool, args.window, args.unit, args.seeds, args.n_init, args.n_batch, Path(args.cache),
-                    progress=say)
+                    progress=say, on_bad_molecule=args.on_bad_molecule)
     print(json.dumps(out, indent=None if args.json else 1))
 
 
