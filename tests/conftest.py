@@ -27,6 +27,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """Wait until `proc` listens on 127.0.0.1:port; fail with its name if it exits or stays silent."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{what} did not listen on port {port} within {timeout} s")
+
+
+def celery_client(broker: str):
+    """A Celery client of its own for this broker (graceq's queues, JSON only), like another node's.
+
+    Not graceq's module-level app: Celery caches that app's result backend and connection pool, so
+    one process that talks to two brokers in turn must not reconfigure it.
+    """
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    from graceq.app import QUEUES
+
+    client = Celery("graceq-test-client", broker=broker, backend=broker)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                       result_accept_content=["json"],
+                       task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES])
+    return client
+
+
 def write_subset(source: Path, target: Path, step: int, limit: int | None = None) -> Path:
     """Every `step`-th frame of a bundled pool, as a new extxyz file (tests never read ../shared)."""
     from ase.io import read, write

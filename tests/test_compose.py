@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_port
+
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,23 +127,8 @@ def _graceq() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "graceq.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
 
 
 ENV = {"REDIS_PASSWORD": "pw-" + secrets.token_hex(8), "GRACEQ_FLOWER_BASIC_AUTH": "ops:" + secrets.token_hex(8)}
@@ -241,11 +228,11 @@ def test_image_files_are_consistent():
 
 @pytest.fixture
 def secured_redis(tmp_path):
-    port = _free_port()
+    port = free_port()
     password = secrets.token_hex(12)
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
-    _wait_port(port, proc, "redis-server")
+    wait_port(port, proc, "redis-server")
     yield port, password
     proc.terminate()
     proc.wait(timeout=10)
@@ -263,7 +250,7 @@ def test_entrypoint_waits_for_redis_and_never_prints_the_password(secured_redis)
     proc = subprocess.run([entry, "graceq", "--version"], capture_output=True, text=True, env=bad, timeout=60)
     assert proc.returncode != 0 and "refused the password" in proc.stderr
     assert password not in proc.stdout + proc.stderr
-    unreachable = dict(os.environ, GRACEQ_BROKER_URL=f"redis://:{password}@127.0.0.1:{_free_port()}/0",
+    unreachable = dict(os.environ, GRACEQ_BROKER_URL=f"redis://:{password}@127.0.0.1:{free_port()}/0",
                        GRACEQ_BROKER_WAIT="2")
     proc = subprocess.run([entry, "graceq", "--version"], capture_output=True, text=True, env=unreachable,
                           timeout=60)
@@ -363,7 +350,7 @@ def test_the_declared_commands_run_a_campaign_as_local_processes(tmp_path):
     campaigns, flower_dir = tmp_path / "campaigns", tmp_path / "flower"
     flower_dir.mkdir()
     _roy_campaign_files(campaigns)
-    redis_port, flower_port = _free_port(), _free_port()
+    redis_port, flower_port = free_port(), free_port()
     env_vars = dict(ENV, GRACEQ_CAMPAIGN="roy", GRACEQ_SETTINGS="roy.toml", GRACEQ_FEATURIZE_CONCURRENCY="1",
                     GRACEQ_FIT_CONCURRENCY="1", GRACEQ_DFT_CONCURRENCY="1")
     services = load_compose(env_vars)["services"]
@@ -388,7 +375,7 @@ def test_the_declared_commands_run_a_campaign_as_local_processes(tmp_path):
         (tmp_path / "redis-data").mkdir()
         redis = stack.start("redis", argv + ["--port", str(redis_port), "--bind", "127.0.0.1",
                                              "--dir", str(tmp_path / "redis-data")], env)
-        _wait_port(redis_port, redis, "redis-server")
+        wait_port(redis_port, redis, "redis-server")
         client = redis_client.Redis(port=redis_port, password=ENV["REDIS_PASSWORD"])
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
@@ -405,7 +392,7 @@ def test_the_declared_commands_run_a_campaign_as_local_processes(tmp_path):
         argv[argv.index("--address") + 1] = "127.0.0.1"
         argv[argv.index("--port") + 1] = str(flower_port)
         flower = stack.start("flower", argv, env)
-        _wait_port(flower_port, flower, "flower")
+        wait_port(flower_port, flower, "flower")
 
         argv, env = argv_env("coordinator")
         assert argv[-4:] == [str(campaigns / "roy"), "--settings", str(campaigns / "roy.toml"), "--quiet"]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_port, celery_client
+
 pytestmark = pytest.mark.browser
 
 QUEUES = ("featurize", "fit", "dft")
@@ -35,23 +37,8 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{what} did not listen on port {port} within {timeout} s")
 
 
 def _chromium() -> str:
@@ -109,11 +96,11 @@ def flower_stack(tmp_path):
     stack = Stack(tmp_path)
     password = secrets.token_hex(16)
     user, flower_password = "graceq", secrets.token_hex(12)
-    redis_port, flower_port = _free_port(), _free_port()
+    redis_port, flower_port = free_port(), free_port()
     redis = stack.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                                   "--save", "", "--appendonly", "no", "--requirepass", password])
     try:
-        _wait_port(redis_port, redis, "redis-server")
+        wait_port(redis_port, redis, "redis-server")
         broker = f"redis://:{password}@127.0.0.1:{redis_port}/0"
         env = {"GRACEQ_BROKER_URL": broker}
         for queue in QUEUES:
@@ -121,29 +108,13 @@ def flower_stack(tmp_path):
                                                         "--loglevel", "INFO"], env=env)
         flower = stack.start("flower", _graceq() + ["flower", "--port", str(flower_port)],
                              env=dict(env, GRACEQ_FLOWER_BASIC_AUTH=f"{user}:{flower_password}"))
-        _wait_port(flower_port, flower, "graceq flower")
+        wait_port(flower_port, flower, "graceq flower")
         yield {"chromium": chromium, "broker": broker, "port": flower_port, "user": user,
                "password": flower_password, "stack": stack, "folder": tmp_path}
     finally:
         stack.stop()
 
 
-def celery_client(broker: str):
-    """A Celery client of its own for this broker (graceq's queues, JSON only), like another node's.
-
-    Not graceq's module-level app: Celery caches that app's result backend and connection pool, so
-    one process that talks to two brokers in turn must not reconfigure it.
-    """
-    from celery import Celery
-    from kombu import Exchange, Queue
-
-    from graceq.app import QUEUES
-
-    client = Celery("graceq-test-client", broker=broker, backend=broker)
-    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                       result_accept_content=["json"],
-                       task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES])
-    return client
 
 
 def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import celery_client
+
 pytestmark = pytest.mark.slurm
 
 HERE = Path(__file__).resolve().parent
@@ -81,22 +83,6 @@ def _engine_settings(sbatch: Path, **slurm) -> dict:
             "cell_filter": "none", "slurm": options}
 
 
-def celery_client(broker: str):
-    """A Celery client of its own for this broker (graceq's queues, JSON only), like another node's.
-
-    Not graceq's module-level app: Celery caches that app's result backend and connection pool, so
-    one process that talks to two brokers in turn must not reconfigure it.
-    """
-    from celery import Celery
-    from kombu import Exchange, Queue
-
-    from graceq.app import QUEUES
-
-    client = Celery("graceq-test-client", broker=broker, backend=broker)
-    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                       result_accept_content=["json"],
-                       task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES])
-    return client
 
 
 def _wait(predicate, timeout: float, what: str, step: float = 0.3):
