@@ -239,7 +239,7 @@ class Coordinator:
                     db.write(result.atoms, name=str(self.names[idx]), pool_index=int(idx),
                              status=result.status)
 
-    def run_reference_jobs(self, batch: list[int]) -> None:
+    def run_reference_jobs(self, batch: list[int], iteration: int) -> None:
         """Send every job of the batch without a result, collect results as they land, re-send lost jobs."""
         from graceq import tasks
 
@@ -259,7 +259,7 @@ class Coordinator:
             # or the live lease and returns), a lost message is not
             lease = tasks.Lease(self.paths.job_dir(i) / "lease.json", rt.lease_timeout)
             if i not in jobs or not lease.is_fresh():
-                self._send_reference(i, count=i not in jobs)
+                self._send_reference(i, iteration, count=i not in jobs)
 
         def resend_lost(missing: dict) -> None:
             if batch is not None:
@@ -289,7 +289,7 @@ class Coordinator:
                         "n_steps": 0, "message": f"lost its worker {attempts} times"})
                 else:
                     self._say(f"job {self.names[i]} lost its worker; sending it again")
-                    self._send_reference(i)
+                    self._send_reference(i, iteration)
 
         self._wait_files(outputs, "reference jobs", on_ready=self._ingest, on_idle=resend_lost)
 
@@ -322,11 +322,11 @@ class Coordinator:
                     atomic_write_json(self.paths.result(i), record)
         return {i: p for i, p in missing.items() if i not in submitted}
 
-    def _send_reference(self, idx: int, count: bool = True) -> None:
+    def _send_reference(self, idx: int, iteration: int, count: bool = True) -> None:
         """Send job idx; `count` is False for a resumed campaign's re-send (not a new attempt)."""
         from graceq import tasks
 
-        task_id = tasks.reference_task_id(self.campaign_id, idx)
+        task_id = tasks.reference_task_id(self.campaign_id, iteration, idx)
         self.store.record_sent(idx, task_id, count=count)
         self._send(tasks.run_reference, [str(self.paths.root), int(idx), str(self.names[idx])], task_id)
 
@@ -397,7 +397,7 @@ class Coordinator:
             if iteration in finished and finished[iteration]["stop"]:
                 break
             batch = [idx for idx, it in self.store.picks() if it == iteration]
-            self.run_reference_jobs(batch)
+            self.run_reference_jobs(batch, iteration)
             view = self.view()
             model = self.fit_committee(view, features, iteration)
             decision = cp.decide(view, model, features, self.settings, iteration)

@@ -212,9 +212,9 @@ class Lease:
         self.path.unlink(missing_ok=True)
 
 
-def reference_task_id(campaign_id: str, idx: int) -> str:
-    """Deterministic task id: one reference job per campaign and structure, whatever the retries."""
-    return f"graceq-{campaign_id}-dft-{idx:06d}"
+def reference_task_id(campaign_id: str, iteration: int, idx: int) -> str:
+    """Deterministic task id (campaign, iteration, kind, structure): the same id for every retry."""
+    return f"graceq-{campaign_id}-it{iteration:04d}-dft-{idx:06d}"
 
 
 @app.task(name="graceq.run_reference", bind=True)

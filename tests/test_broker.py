@@ -19,7 +19,8 @@ def _options(folder):
             "polling_interval": 0.01}
 
 
-def _consume(folder, out, deadline_s):
+def _consume(folder, out, produced, deadline_s):
+    """Take messages until the producer is done and the queue is empty (or the deadline passes)."""
     with Connection("graceqfs://localhost/", transport_options=_options(folder)) as conn:
         queue = conn.SimpleQueue("dft")
         got = []
@@ -28,17 +29,18 @@ def _consume(folder, out, deadline_s):
             try:
                 message = queue.get(timeout=0.2)
             except Empty:
+                if produced.is_set():
+                    break
                 continue
             got.append(message.payload["n"])
             message.ack()
-            if message.payload["n"] == -1:
-                break
         out.put(got)
 
 
 def test_two_consumers_racing_a_producer_get_each_message_once(tmp_path):
     out = mp.Queue()
-    consumers = [mp.Process(target=_consume, args=(tmp_path, out, 60)) for _ in range(2)]
+    produced = mp.Event()
+    consumers = [mp.Process(target=_consume, args=(tmp_path, out, produced, 120)) for _ in range(2)]
     for proc in consumers:
         proc.start()
     n = 400
@@ -46,12 +48,10 @@ def test_two_consumers_racing_a_producer_get_each_message_once(tmp_path):
         queue = conn.SimpleQueue("dft")
         for i in range(n):
             queue.put({"n": i, "padding": "x" * 20000})  # large enough to be caught half-written
-        queue.put({"n": -1})
-        queue.put({"n": -1})
-    received = out.get(timeout=90) + out.get(timeout=90)
+    produced.set()
+    received = out.get(timeout=150) + out.get(timeout=150)
     for proc in consumers:
         proc.join(timeout=10)
         assert proc.exitcode == 0
-    numbers = [i for i in received if i >= 0]
-    assert sorted(numbers) == list(range(n)), "a message was lost or delivered twice"
+    assert sorted(received) == list(range(n)), "a message was lost or delivered twice"
     assert list((tmp_path / "queue").iterdir()) == []
