@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graceq.acquisition import expected_improvement, kriging_believer
+from graceq.config import batch_size
 from graceq.convergence import convergence_state
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
@@ -156,7 +157,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     picks = np.array([], dtype=int)
     pick_ei = np.array([], dtype=float)
     if stop is None:
-        n = min(c.n_batch, budget - n_calls, len(unlabelled))
+        n = min(batch_size(c.n_batch, len(mu)), budget - n_calls, len(unlabelled))
         picks, pick_ei = kriging_believer(
             model, features, unlabelled, best, c.window, n,
             offset=e_ff_mol, scale=apm, method="fast", return_ei=True,

@@ -32,7 +32,9 @@ class CampaignSection(_Section):
     unit: str = Field("kJ/mol", description="unit of every energy in the pool and the settings")
     window: float = Field(5.0, description="energy window above the best structure, per molecule, in `unit`")
     n_init: int = Field(20, ge=2, description="structures in the farthest-point initial batch")
-    n_batch: int = Field(10, ge=1, description="structures per Kriging-Believer batch")
+    n_batch: int | None = Field(
+        None, ge=1, description="structures per Kriging-Believer batch (default: by pool size, see batch_size)"
+    )
     p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description="stop when p_conv reaches this")
     budget: int = Field(0, ge=0, description="most reference calls (0: the whole pool)")
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
@@ -55,6 +57,21 @@ class CampaignSection(_Section):
         from graceq.units import check_unit
 
         return check_unit(value)
+
+
+def batch_size(n_batch: int | None, n_pool: int) -> int:
+    """The batch size a campaign uses: the setting, or DESIGN.md's default for the pool's size.
+
+    100 for pools of 2,000 structures or more, 50 from 500; a smaller pool gets one twentieth of
+    its size (at least 5), so that a 264-structure landscape is not exhausted in five batches.
+    """
+    if n_batch is not None:
+        return n_batch
+    if n_pool >= 2000:
+        return 100
+    if n_pool >= 500:
+        return 50
+    return max(5, n_pool // 20)
 
 
 class DescriptorSection(_Section):
