@@ -127,6 +127,20 @@ class Decision:
     stop: str | None          # "converged", "budget", "pool exhausted" or None
 
 
+def stop_holds(stats: dict, settings, n_pool: int) -> bool:
+    """Whether an iteration's recorded stop still stands under (possibly edited) settings.
+
+    A user who wants a few more batches after p_conv first reached its target raises
+    ``p_conv_target`` or ``budget``; the campaign then decides that iteration again and goes on.
+    """
+    c = settings.campaign
+    if stats.get("stop") == "converged":
+        return stats["p_conv"] >= c.p_conv_target
+    if stats.get("stop") == "budget":
+        return stats["n_reference_calls"] >= (c.budget or n_pool)
+    return stats.get("stop") is not None
+
+
 def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int) -> Decision:
     """Assess the fitted committee, test convergence, and pick the next Kriging-Believer batch."""
     c = settings.campaign

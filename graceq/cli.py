@@ -85,18 +85,30 @@ def init(campaign_dir, settings_file, **overrides) -> None:
               help="create the campaign from these settings if the directory has none")
 @click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
 @click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
+@click.option("--p-conv-target", type=float, help="a new stopping target (an existing campaign goes on past its stop)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @override_options
 @_user_errors
-def run(campaign_dir, settings_file, broker, max_iterations, quiet, **overrides) -> None:
+def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quiet, **overrides) -> None:
     """Run or resume the campaign until p_conv reaches its target (or the budget/pool runs out)."""
     from graceq.coordinator import Coordinator, init_campaign
     from graceq.store import CampaignPaths
 
-    if not CampaignPaths(campaign_dir).state.exists():
+    paths = CampaignPaths(campaign_dir)
+    if not paths.state.exists():
         if not settings_file:
             raise click.ClickException(f"{campaign_dir}: no campaign here; pass --settings to create one")
-        init_campaign(load_settings(settings_file, _overrides(**overrides)), campaign_dir, source=settings_file)
+        overrides = _overrides(**overrides)
+        overrides["campaign"]["p_conv_target"] = p_conv_target
+        init_campaign(load_settings(settings_file, overrides), campaign_dir, source=settings_file)
+    elif p_conv_target is not None or overrides.get("budget") is not None:
+        # only the stopping rule may change mid-campaign: the decisions so far stay as they were
+        data = load_settings(paths.settings).model_dump()
+        for key, value in (("p_conv_target", p_conv_target), ("budget", overrides.get("budget"))):
+            if value is not None:
+                data["campaign"][key] = value
+        write_settings(settings_from_dict(data, source=f"{paths.settings} with the new stopping rule"),
+                       paths.settings)
     summary = Coordinator(campaign_dir, broker_url=broker or None, progress=not quiet,
                           max_iterations=max_iterations).run()
     _print_summary(summary)

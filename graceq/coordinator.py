@@ -394,8 +394,8 @@ class Coordinator:
         while True:
             iteration = self.store.last_pick_iteration()
             finished = {it["iteration"]: it for it in self.store.iterations()}
-            if iteration in finished and finished[iteration]["stop"]:
-                break
+            if iteration in finished and cp.stop_holds(finished[iteration], self.settings, len(self.names)):
+                break  # a stop that the current settings keep; a lifted one re-decides this iteration
             batch = [idx for idx, it in self.store.picks() if it == iteration]
             self.run_reference_jobs(batch, iteration)
             view = self.view()

@@ -244,8 +244,8 @@ class CampaignStore:
 
     # -- iterations -------------------------------------------------------------------------
     def add_iteration(self, db: sqlite3.Connection, iteration: int, stats: dict[str, Any]) -> None:
-        db.execute(
-            "INSERT INTO iterations(iteration, stats, finished) VALUES (?, ?, ?)",
+        db.execute(  # replaced when a stop is lifted and the iteration decided again
+            "INSERT OR REPLACE INTO iterations(iteration, stats, finished) VALUES (?, ?, ?)",
             (iteration, json.dumps(stats), time.time()),
         )
 

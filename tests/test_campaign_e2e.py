@@ -150,3 +150,19 @@ def test_status_and_report_commands(embedded_run):
     assert f"{summary['iterations'][-1]['p_conv']:.4f}" in status
     report = run_cli("report", str(campaign)).stdout
     assert "structures.csv" in report and "summary.json" in report
+
+
+def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(embedded_run, roy_small, tmp_path):
+    """Stop early at p_conv 0.5, then ask for 0.99: the picks are those of a run aimed at 0.99 throughout."""
+    campaign, _ = embedded_run
+    settings = write_settings(tmp_path, roy_small, campaign={"p_conv_target": 0.5})
+    target = tmp_path / "campaign"
+    run_cli("run", str(target), "--settings", str(settings), "--quiet")
+    early = json.loads((target / "summary.json").read_text())
+    assert early["stop"] == "converged"
+    assert len(picks_of(target)) < len(picks_of(campaign))
+    again = run_cli("run", str(target), "--quiet")  # the stop holds: nothing new happens
+    assert json.loads((target / "summary.json").read_text())["n_reference_calls"] == early["n_reference_calls"]
+    run_cli("run", str(target), "--p-conv-target", "0.99", "--quiet")
+    assert picks_of(target) == picks_of(campaign)
+    assert "reference calls" in again.stdout
