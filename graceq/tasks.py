@@ -171,24 +171,36 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def is_fresh(self) -> bool:
+        """Held by a live worker: beaten within the timeout, and not by a dead process of this host."""
         try:
-            return time.time() - self.path.stat().st_mtime < self.timeout_s
-        except FileNotFoundError:
+            if time.time() - self.path.stat().st_mtime >= self.timeout_s:
+                return False
+            holder = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
             return False
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:  # its worker process was killed: Celery re-delivers at once
+                return False
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return True
 
     def acquire(self) -> bool:
         """Claim the job; False when a live worker already holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        claim = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}")
+        atomic_write_json(claim, {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(claim, self.path)  # atomic, and fails if someone holds the lease
         except FileExistsError:
             if self.is_fresh():
+                claim.unlink(missing_ok=True)
                 return False
-            atomic_write_json(self.path, json.loads(holder))  # take over a dead worker's job
+            os.replace(claim, self.path)  # take over a dead worker's job
         else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(holder)
+            claim.unlink(missing_ok=True)
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
         return True

@@ -166,3 +166,36 @@ def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(e
     run_cli("run", str(target), "--p-conv-target", "0.99", "--quiet")
     assert picks_of(target) == picks_of(campaign)
     assert "reference calls" in again.stdout
+
+
+def test_killed_pool_process_is_redelivered_by_celery_at_once(roy_small, workers, redis_url, tmp_path):
+    """SIGKILL of the process running a job (acks late + reject on worker lost): Celery re-delivers
+    it straight away, the dead holder's lease counts as stale, and the coordinator never re-sends."""
+    settings = write_settings(tmp_path, roy_small, engine={"engine": "replay", "delay_s": 4.0},
+                              runtime={"lease_timeout": 120.0}, campaign={"n_init": 12, "budget": 12})
+    target = tmp_path / "campaign"
+    run_cli("init", str(target), "--settings", str(settings))
+    dft = workers.start(queues="dft", name="dft@%h")
+    workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
+    coordinator = subprocess.Popen(GRACEQ + ["run", str(target), "--broker", redis_url, "--quiet"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    holder = None
+    while time.time() < deadline and holder is None:
+        for lease in (target / "jobs").glob("*/lease.json") if (target / "jobs").exists() else []:
+            try:
+                holder = (int(lease.parent.name), json.loads(lease.read_text())["pid"])
+            except (ValueError, FileNotFoundError):
+                continue
+        time.sleep(0.05)
+    assert holder is not None, "no reference job started"
+    job, pid = holder
+    assert pid != dft.pid  # the pool process, not the worker's main process
+    os.kill(pid, signal.SIGKILL)
+    out, _ = coordinator.communicate(timeout=300)
+    assert coordinator.returncode == 0, out.decode()
+    assert json.loads((target / "results" / f"{job:06d}.json").read_text())["status"] == "converged"
+    with sqlite3.connect(target / "state.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results WHERE idx = ?", (job,)).fetchone()[0] == 1
+        assert db.execute("SELECT attempts FROM jobs WHERE idx = ?", (job,)).fetchone()[0] == 1
+    assert "WorkerLostError" in (tmp_path / "worker0.log").read_text()
