@@ -32,6 +32,9 @@ Two implementations of the Kriging-Believer batch select the same structures:
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy.special import erfcx, ndtr
 from sklearn.linear_model import Ridge
@@ -184,6 +187,18 @@ def _primal_loop(b, F, Xq, Ainv, row=None):
         row = None
 
 
+_THREADS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+
+
+def _in_slices(func, n_items):
+    """Run func(lo, hi) over slices of an axis (members, or pool rows) in parallel threads: numpy
+    releases the GIL, and each item's arithmetic is unchanged, so the results are bit-identical
+    to one call. For memory-bound products that one core cannot saturate."""
+    n = _THREADS._max_workers
+    bounds = np.linspace(0, n_items, n + 1).astype(int)
+    list(_THREADS.map(lambda k: func(bounds[k], bounds[k + 1]), range(n)))
+
+
 def _kb_fast(model, b):
     X_tr, alpha, subsets = model.X_train_, model.alpha_, model.subsets_
     m, n_sub = subsets.shape
@@ -201,15 +216,19 @@ def _kb_fast(model, b):
     d0 = 1 + n_sub
     G = Xt @ Xt.T
     Minv0 = np.empty((m, d0, d0))                       # bordered inverses before any belief
-    for lo in range(0, m, 32):
-        idx = subsets[lo:lo + 32]
-        M = np.zeros((len(idx), d0, d0))
-        M[:, 0, 1:] = 1.0
-        M[:, 1:, 0] = 1.0
-        M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
-        with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
-            Minv0[lo:lo + 32] = np.linalg.inv(M)
-    del M, G
+
+    def invert(first, last):
+        for lo in range(first, last, 32):
+            idx = subsets[lo:min(lo + 32, last)]
+            M = np.zeros((len(idx), d0, d0))
+            M[:, 0, 1:] = 1.0
+            M[:, 1:, 0] = 1.0
+            M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
+            Minv0[lo:lo + len(idx)] = np.linalg.inv(M)
+
+    with threadpool_limits(1):                          # batched small LAPACK calls: threads only spin
+        _in_slices(invert, m)
+    del G
     member_idx = np.arange(m)[:, None]
     in_member = np.zeros((m, n_train))
     in_member[member_idx, subsets] = 1.0 / n_sub
@@ -269,7 +288,11 @@ def _kb_fast(model, b):
             c[:, 1:d0] = gram_rows(np.array([row]))[0][subsets]
             c[:, d0:d] = Zq[:j] @ zq
             g = np.zeros((m, d))                        # M_i^{-1} c_i
-            g[:, :d0] = np.matmul(Minv0, c[:, :d0, None])[:, :, 0]
+
+            def solve(lo, hi):
+                g[lo:hi, :d0] = np.matmul(Minv0[lo:hi], c[lo:hi, :d0, None])[:, :, 0]
+
+            _in_slices(solve, m)
             if j:
                 V = Ulr[:, :d, :j]
                 g += np.matmul(V, (np.matmul(c[:, None, :], V)[:, 0, :] * sinv[:, :j])[:, :, None])[:, :, 0]
@@ -291,8 +314,11 @@ def _kb_fast(model, b):
             tbar = theta[:1 + n_train + n_believed].mean(axis=1)
             v = Xt.T @ tbar[1:1 + n_train] + Zq[:n_believed].T @ tbar[1 + n_train:]
             c_mean = tbar[0] - shift @ v
-            for lo in range(0, n_cand, _BLOCK):         # exact committee mean of every row
-                mean_u[lo:lo + _BLOCK] = mean0[lo:lo + _BLOCK] + b.X[lo:lo + _BLOCK] @ v + c_mean
+
+            def update_mean(first, last):               # exact committee mean of every row
+                mean_u[first:last] = mean0[first:last] + b.X[first:last] @ v + c_mean
+
+            _in_slices(update_mean, n_cand)
     return b
 
 
