@@ -99,7 +99,7 @@ class ModelSection(_Section):
 
 class EngineSection(_Section):
     model_config = ConfigDict(extra="allow")
-    engine: Literal["replay", "ase", "slurm"] = "replay"
+    engine: str = Field("replay", description='"replay", "ase", "slurm", or "package.module:EngineClass"')
 
 
 class RuntimeSection(_Section):

@@ -139,6 +139,19 @@ class EmbeddedWorkers:
             self.proc.wait()
 
 
+def job_is_lost(beat: float | None, sent_at: float, now: float, lease_timeout_s: float,
+                resend_unstarted_after_s: float) -> bool:
+    """Whether a reference job without a result must be sent again (times in s since the epoch).
+
+    ``beat`` is its lease's last heartbeat (None: no lease). Lost: the delivery we sent started and
+    then stopped beating (its worker died), or it never started within the allowed queueing time
+    (its message may be gone with a broker restart).
+    """
+    died = beat is not None and beat >= sent_at and now - beat > lease_timeout_s
+    unstarted = (beat is None or beat < sent_at) and now - sent_at > resend_unstarted_after_s
+    return died or unstarted
+
+
 # -- the coordinator ----------------------------------------------------------------------------
 class Coordinator:
     """Runs (or resumes) the campaign in `campaign_dir` until it converges or runs out."""
@@ -251,9 +264,9 @@ class Coordinator:
             self._ingest(i, p)
             del outputs[i]
         jobs = self.store.jobs()
-        batch = self._batch_engine()
+        scheduler = self._batch_engine()
         for i in outputs:
-            if batch is not None and (self.paths.job_dir(i) / "slurm.json").exists():
+            if scheduler is not None and (self.paths.job_dir(i) / "slurm.json").exists():
                 continue  # submitted to the batch scheduler already: polled below, never sent again
             # first send, or a resumed campaign: a duplicate is harmless (the worker sees the result
             # or the live lease and returns), a lost message is not
@@ -262,31 +275,24 @@ class Coordinator:
                 self._send_reference(i, iteration, count=i not in jobs)
 
         def resend_lost(missing: dict) -> None:
-            if batch is not None:
-                missing = self._poll_batch_jobs(batch, missing)
+            from graceq.engines import ReferenceResult
+            from graceq.store import atomic_write_json
+
+            if scheduler is not None:
+                missing = self._poll_batch_jobs(scheduler, missing)
             jobs = self.store.jobs()
-            now = time.time()
             for i in missing:
-                task_id, sent_at, attempts = jobs[i]
-                lease_path = self.paths.job_dir(i) / "lease.json"
+                _, sent_at, attempts = jobs[i]
                 try:
-                    beat = lease_path.stat().st_mtime
+                    beat = (self.paths.job_dir(i) / "lease.json").stat().st_mtime
                 except FileNotFoundError:
                     beat = None
-                # the delivery we sent started and then stopped beating: its worker died
-                died = beat is not None and beat >= sent_at and now - beat > rt.lease_timeout
-                # never started (queued behind others, or its message was lost)
-                unstarted = (beat is None or beat < sent_at) and now - sent_at > rt.resend_unstarted_after
-                lost = died or unstarted
-                if not lost:
+                if not job_is_lost(beat, sent_at, time.time(), rt.lease_timeout, rt.resend_unstarted_after):
                     continue
-                if attempts >= rt.max_attempts:
-                    self.store.add_result(i, "failed", None, 0, f"lost its worker {attempts} times")
-                    from graceq.store import atomic_write_json
-
-                    atomic_write_json(self.paths.result(i), {
-                        "name": str(self.names[i]), "status": "failed", "energy": None, "atoms": None,
-                        "n_steps": 0, "message": f"lost its worker {attempts} times"})
+                if attempts >= rt.max_attempts:  # a job that kills its worker must not loop for ever
+                    lost = ReferenceResult(str(self.names[i]), "failed", None, None,
+                                           message=f"lost its worker {attempts} times")
+                    atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i)))
                 else:
                     self._say(f"job {self.names[i]} lost its worker; sending it again")
                     self._send_reference(i, iteration)

@@ -224,6 +224,17 @@ class Lease:
         self.path.unlink(missing_ok=True)
 
 
+def _count_delivery(job_dir: Path) -> int:
+    """One more delivery of a job that this worker now holds the lease of; returns the count."""
+    counter = job_dir / "deliveries"
+    try:
+        count = int(counter.read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        count = 1
+    atomic_write_json(counter, count)
+    return count
+
+
 def reference_task_id(campaign_id: str, iteration: int, idx: int) -> str:
     """Deterministic task id (campaign, iteration, kind, structure): the same id for every retry."""
     return f"graceq-{campaign_id}-it{iteration:04d}-dft-{idx:06d}"
@@ -246,6 +257,14 @@ def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
     try:
         if output.exists():  # finished between our first look and the lease
             return {"idx": idx, "duplicate": "result exists"}
+        deliveries = _count_delivery(paths.job_dir(idx))
+        if deliveries > settings.runtime.max_attempts:
+            # Celery re-delivers a job whose worker process died, at once and for ever: a structure
+            # that kills its worker (out of memory, a crashing code) is failed, not retried again
+            lost = ReferenceResult(name, "failed", None, None,
+                                   message=f"its worker process died {deliveries - 1} times")
+            atomic_write_json(output, dict(lost.to_json(), idx=idx, host=socket.gethostname(), task_id=self.request.id))
+            return {"idx": idx, "status": "failed"}
         meta = json.loads(paths.pool_meta.read_text())
         atoms = read_frames_db(paths.structures, [idx])[0]
         try:

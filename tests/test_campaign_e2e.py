@@ -199,3 +199,28 @@ def test_killed_pool_process_is_redelivered_by_celery_at_once(roy_small, workers
         assert db.execute("SELECT COUNT(*) FROM results WHERE idx = ?", (job,)).fetchone()[0] == 1
         assert db.execute("SELECT attempts FROM jobs WHERE idx = ?", (job,)).fetchone()[0] == 1
     assert "WorkerLostError" in (tmp_path / "worker0.log").read_text()
+
+
+def test_a_structure_that_always_kills_its_worker_is_failed_after_max_attempts(roy_small, tmp_path):
+    """Celery re-delivers a job whose worker process died at once and for ever; graceq counts the
+    deliveries and fails that structure after max_attempts, and the campaign goes on."""
+    from ase.io import read
+
+    frames = read(roy_small, ":")
+    victim = min(frames, key=lambda a: a.info["energy_ff"] / len(a)).info["name"]  # the first FPS pick
+    settings = write_settings(tmp_path, roy_small,
+                              engine={"engine": "killer_engine:KillerEngine", "victim": str(victim)},
+                              runtime={"lease_timeout": 5.0, "max_attempts": 2},
+                              campaign={"n_init": 12, "budget": 12})
+    target = tmp_path / "campaign"
+    tests_dir = str(Path(__file__).parent)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    run_cli("run", str(target), "--settings", str(settings), "--quiet", env=env, timeout=400)
+    with sqlite3.connect(target / "state.sqlite") as db:
+        idx = db.execute("SELECT idx FROM structures WHERE name = ?", (str(victim),)).fetchone()[0]
+        status, message = db.execute("SELECT status, message FROM results WHERE idx = ?", (idx,)).fetchone()
+        n_converged = db.execute("SELECT COUNT(*) FROM results WHERE status = 'converged'").fetchone()[0]
+    assert status == "failed" and ("died" in message or "lost its worker" in message), message
+    assert n_converged == 11
+    summary = json.loads((target / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and summary["stop"] == "budget"
