@@ -98,9 +98,14 @@ def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quie
     if not paths.state.exists():
         if not settings_file:
             raise click.ClickException(f"{campaign_dir}: no campaign here; pass --settings to create one")
-        overrides = _overrides(**overrides)
-        overrides["campaign"]["p_conv_target"] = p_conv_target
-        init_campaign(load_settings(settings_file, overrides), campaign_dir, source=settings_file)
+        changes = _overrides(**overrides)
+        changes["campaign"]["p_conv_target"] = p_conv_target
+        init_campaign(load_settings(settings_file, changes), campaign_dir, source=settings_file)
+    elif fixed := sorted(k for k, v in overrides.items() if v is not None and k != "budget"):
+        raise click.ClickException(
+            f"{campaign_dir}: --{', --'.join(k.replace('_', '-') for k in fixed)} cannot change once a "
+            "campaign has started (its decisions depend on them); only --p-conv-target and --budget can"
+        )
     elif p_conv_target is not None or overrides.get("budget") is not None:
         # only the stopping rule may change mid-campaign: the decisions so far stay as they were
         data = load_settings(paths.settings).model_dump()

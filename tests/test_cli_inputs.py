@@ -55,3 +55,10 @@ def test_existing_campaign_is_not_overwritten(roy_small, tmp_path):
     assert first.returncode == 0, first.stderr
     second = run_cli("init", str(tmp_path / "campaign"), "--settings", str(settings), check=False)
     assert second.returncode != 0 and "already exists" in second.stderr
+
+
+def test_a_started_campaign_refuses_settings_its_decisions_depend_on(roy_small, tmp_path):
+    settings, first = _init(tmp_path, settings_text(roy_small))
+    assert first.returncode == 0, first.stderr
+    result = run_cli("run", str(tmp_path / "campaign"), "--window", "3", "--quiet", check=False)
+    assert result.returncode != 0 and "--window cannot change" in result.stderr
