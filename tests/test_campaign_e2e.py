@@ -108,17 +108,25 @@ def test_coordinator_killed_mid_iteration_resumes_with_the_same_picks(embedded_r
     assert set(_count_reference_runs(target).values()) == {1}
 
 
-def test_worker_killed_during_a_reference_job_is_redelivered_and_recorded_once(roy_small, workers, redis_url, tmp_path):
-    """SIGKILL of a whole worker (main process and pool) in the middle of a reference job."""
-    # a slow replay: each reference job sleeps, so that the kill lands inside one
-    settings = write_settings(tmp_path, roy_small, engine={"engine": "replay", "delay_s": 3.0},
-                              runtime={"lease_timeout": 4.0}, campaign={"n_init": 12, "budget": 12})
+def start_slow_redis_campaign(roy_small, workers, redis_url, tmp_path, delay_s, lease_timeout_s, dft_name):
+    """A 12-call replay campaign whose jobs take delay_s each, run by a `dft` worker and a
+    featurize/fit worker through Redis; returns (campaign dir, dft worker, coordinator process)."""
+    settings = write_settings(tmp_path, roy_small, engine={"engine": "replay", "delay_s": delay_s},
+                              runtime={"lease_timeout": lease_timeout_s}, campaign={"n_init": 12, "budget": 12})
     target = tmp_path / "campaign"
     run_cli("init", str(target), "--settings", str(settings))
-    victim = workers.start(queues="dft", name="victim@%h")
+    dft = workers.start(queues="dft", name=dft_name)
     workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
     coordinator = subprocess.Popen(GRACEQ + ["run", str(target), "--broker", redis_url, "--quiet"],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return target, dft, coordinator
+
+
+def test_worker_killed_during_a_reference_job_is_redelivered_and_recorded_once(roy_small, workers, redis_url, tmp_path):
+    """SIGKILL of a whole worker (main process and pool) in the middle of a reference job."""
+    # a slow replay: each reference job sleeps, so that the kill lands inside one
+    target, victim, coordinator = start_slow_redis_campaign(roy_small, workers, redis_url, tmp_path,
+                                                            delay_s=3.0, lease_timeout_s=4.0, dft_name="victim@%h")
     deadline = time.time() + 240
     lease = None
     while time.time() < deadline and lease is None:
@@ -171,14 +179,8 @@ def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(e
 def test_killed_pool_process_is_redelivered_by_celery_at_once(roy_small, workers, redis_url, tmp_path):
     """SIGKILL of the process running a job (acks late + reject on worker lost): Celery re-delivers
     it straight away, the dead holder's lease counts as stale, and the coordinator never re-sends."""
-    settings = write_settings(tmp_path, roy_small, engine={"engine": "replay", "delay_s": 4.0},
-                              runtime={"lease_timeout": 120.0}, campaign={"n_init": 12, "budget": 12})
-    target = tmp_path / "campaign"
-    run_cli("init", str(target), "--settings", str(settings))
-    dft = workers.start(queues="dft", name="dft@%h")
-    workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
-    coordinator = subprocess.Popen(GRACEQ + ["run", str(target), "--broker", redis_url, "--quiet"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    target, dft, coordinator = start_slow_redis_campaign(roy_small, workers, redis_url, tmp_path,
+                                                         delay_s=4.0, lease_timeout_s=120.0, dft_name="dft@%h")
     deadline = time.time() + 240
     holder = None
     while time.time() < deadline and holder is None:
