@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from graceq import campaign as cp
 from graceq.config import ConfigError, Settings, load_settings, write_settings
-from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
+from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz, error_file
 
 log = logging.getLogger("graceq.coordinator")
 
@@ -194,7 +194,7 @@ class Coordinator:
                     del missing[key]
                 bar.update(len(done))
                 for key, path in missing.items():
-                    error = path.with_name(path.name + ".error.json")
+                    error = error_file(path)
                     if error.exists():
                         raise TaskError(f"{desc} failed on a worker: {json.loads(error.read_text())['error']}")
                 if missing:
@@ -257,7 +257,8 @@ class Coordinator:
         from graceq import tasks
 
         rt = self.settings.runtime
-        pending = [i for i in batch if i not in self.store.results()]
+        done = self.store.results()
+        pending = [i for i in batch if i not in done]
         outputs = {i: self.paths.result(i) for i in pending}
         already = {i: p for i, p in outputs.items() if p.exists()}
         for i, p in already.items():

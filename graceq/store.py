@@ -93,6 +93,11 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def error_file(output: Path) -> Path:
+    """Where a task that could not produce `output` writes its reason (the coordinator watches it)."""
+    return output.with_name(output.name + ".error.json")
+
+
 class CampaignPaths:
     """Where each piece of a campaign lives; shared by the coordinator and the workers."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from graceq.app import app
-from graceq.store import CampaignPaths, atomic_save_npy, atomic_save_npz, atomic_write_json
+from graceq.store import CampaignPaths, atomic_save_npy, atomic_save_npz, atomic_write_json, error_file
 
 
 @lru_cache(maxsize=8)
@@ -39,17 +39,13 @@ def settings_of(campaign_dir: str):
     return _settings(str(campaign_dir), path.stat().st_mtime)
 
 
-def _error_path(output: Path) -> Path:
-    return output.with_name(output.name + ".error.json")
-
-
 def _guarded(output: Path, work) -> dict:
     """Run work(); on an exception write the error file the coordinator watches, then re-raise."""
     try:
         return work()
     except Exception as exc:
         atomic_write_json(
-            _error_path(output),
+            error_file(output),
             {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
              "host": socket.gethostname()},
         )
@@ -207,10 +203,7 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(max(0.5, self.timeout_s / 6)):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
+            self.beat()
 
     def beat(self) -> None:
         """Refresh now (engines call this between optimiser steps)."""
