@@ -35,7 +35,25 @@ class CampaignSection(_Section):
     n_batch: int | None = Field(
         None, ge=1, description="structures per Kriging-Believer batch (default: by pool size, see batch_size)"
     )
-    p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description="stop when p_conv reaches this")
+    stop_rule: Literal["risk", "p_conv"] = Field(
+        "risk", description='"risk": stop when the stated risk is at most `risk`; "p_conv": the seed\'s rule '
+        "(stop when p_conv reaches `p_conv_target`), kept to reproduce the published method",
+    )
+    risk: float = Field(
+        0.05, gt=0.0, lt=1.0, description="stop when the expected number of window structures still "
+        "unmeasured, which bounds P(at least one is missed), is at most this (stop_rule = \"risk\")",
+    )
+    risk_confidence: float = Field(
+        0.95, ge=0.0, lt=1.0, description="confidence in the law of the model's errors behind the stated risk: "
+        "the risk is the largest over every error law the campaign's prospective errors leave plausible at "
+        "this confidence (0: the maximum-likelihood law alone)",
+    )
+    p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description='stop when p_conv reaches this (stop_rule = "p_conv")')
+    acquisition: Literal["p_window", "ei", "greedy"] = Field(
+        "p_window", description='"p_window": each batch the structures most likely to lie in the window; '
+        '"ei": Expected Improvement with a Kriging-Believer batch (the seed\'s recipe); "greedy": the lowest '
+        "predicted energies",
+    )
     budget: int = Field(0, ge=0, description="most reference calls (0: the whole pool)")
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
     energy_key: str = "energy_ff"
