@@ -11,13 +11,15 @@ EI) is per molecule, ``E_cell / N_atoms * atoms_per_molecule`` (DESIGN.md sectio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from graceq.acquisition import expected_improvement, kriging_believer
 from graceq.config import batch_size
-from graceq.convergence import convergence_state
+from graceq.convergence import (
+    MIN_PROSPECTIVE, convergence_state, error_laws, expected_missed, prospective_errors,
+)
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
 
@@ -42,6 +44,9 @@ class CampaignView:
     atoms_per_molecule: int
     picks: list[int]                     # pool indices in the order they were sampled
     results: dict[int, tuple[str, float | None]] = field(default_factory=dict)  # idx -> (status, E_ref per cell)
+    # idx -> (mu, raw committee spread) per molecule, predicted before the structure was measured
+    # (picks of the initial batch have none): the prospective errors the stop rule is fitted on
+    predictions: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def energy_ff_mol(self) -> np.ndarray:
@@ -67,6 +72,31 @@ class CampaignView:
     def count(self, status: str) -> int:
         return sum(1 for s, _ in self.results.values() if s == status)
 
+    def prospective_errors(self) -> np.ndarray:
+        """Standardised errors (E_ref - mu) / spread of the measured stable structures, each from
+        the prediction made before it was measured, in sampling order."""
+        rows = np.array([i for i in self.stable_rows() if int(i) in self.predictions], dtype=int)
+        if len(rows) == 0:
+            return np.zeros(0)
+        mu, spread = np.array([self.predictions[int(i)] for i in rows], dtype=float).T
+        return prospective_errors(self.reference_mol(rows), mu, spread)
+
+
+def prospective_predictions(pick_table, iterations) -> dict[int, tuple[float, float]]:
+    """idx -> (mu, raw spread) at the moment each structure was picked, from the store's rows.
+
+    ``pick_table``: (idx, iteration, rank, ei, mu, sigma) rows (sigma calibrated, per molecule);
+    ``iterations``: the stored statistics. Picks of iteration k+1 were decided by iteration k,
+    whose calibration factor turns the stored sigma back into the committee's raw spread.
+    """
+    calibration = {int(s["iteration"]): s.get("calibration", s.get("alpha")) for s in iterations}
+    out = {}
+    for idx, iteration, _rank, _ei, mu, sigma in pick_table:
+        factor = calibration.get(int(iteration) - 1)
+        if mu is not None and sigma is not None and factor:
+            out[int(idx)] = (float(mu), float(sigma) / float(factor))
+    return out
+
 
 def initial_batch(features: np.ndarray, energy_ff_mol: np.ndarray, n_init: int) -> np.ndarray:
     """Farthest point sampling of n_init structures, starting from the lowest force-field energy."""
@@ -89,6 +119,16 @@ class CommitteePlan:
     y_test: np.ndarray
     subsets: np.ndarray
     params: dict
+
+
+def assemble_committee(plan: CommitteePlan, features: np.ndarray, ridge_lambda: float,
+                       coef: np.ndarray, intercept: np.ndarray) -> CommitteeRidge:
+    """The iteration's calibrated committee from members fitted elsewhere (the `fit` tasks, or
+    in-process in the retrospective benchmark): one assembly for both."""
+    model = CommitteeRidge.from_members(
+        features[plan.train_rows], plan.y_train, ridge_lambda, plan.subsets, coef, intercept, **plan.params,
+    )
+    return model.calibrate(features[plan.test_rows], plan.y_test)
 
 
 def plan_committee(view: CampaignView, model_settings, seed: int, iteration: int) -> CommitteePlan:
@@ -114,11 +154,85 @@ def plan_committee(view: CampaignView, model_settings, seed: int, iteration: int
     return CommitteePlan(rows[train], y[train], rows[test], y[test], subsets, params)
 
 
+STOP_RULES = ("risk", "p_conv")
+ACQUISITIONS = ("p_window", "ei", "greedy")
+
+
+@dataclass
+class IterationStats:
+    """What one iteration measured and decided (stored as JSON in the iterations table).
+
+    Energies per molecule in the campaign unit. ``ridge_lambda`` is the ridge regulariser chosen by
+    cross-validation, ``calibration`` the committee's calibration factor (DESIGN.md 3): never both
+    called alpha. ``risk`` is the stated risk: the expected number of window structures still
+    unmeasured, which bounds P(at least one is missed) (inf while fewer than
+    ``graceq.convergence.MIN_PROSPECTIVE`` prospective errors exist).
+    """
+
+    iteration: int
+    n_labelled: int
+    n_train: int
+    n_reference_calls: int
+    n_unstable: int
+    n_failed: int
+    ridge_lambda: float
+    calibration: float
+    calibration_warning: str | None
+    test_rmse: float
+    best: float
+    n_measured: int
+    n_expected: float
+    residual: float
+    p_conv: float
+    risk: float
+    risk_confidence: float
+    error_law_df: float | None
+    error_law_scale: float | None
+    n_prospective: int
+    stop_rule: str
+    acquisition: str
+    max_ei: float
+    n_next: int
+    stop: str | None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["risk"] = None if not np.isfinite(self.risk) else self.risk   # JSON has no inf
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "IterationStats":
+        """From a stored record (records written before the stated risk get risk inf)."""
+        names = {f.name for f in fields(cls)}
+        d = dict(d)
+        d.setdefault("ridge_lambda", d.get("lambda"))
+        d.setdefault("calibration", d.get("alpha"))
+        d["risk"] = float("inf") if d.get("risk") is None else d["risk"]
+        for key, default in (("risk_confidence", 0.95), ("error_law_df", None), ("error_law_scale", None),
+                             ("n_prospective", 0),
+                             ("stop_rule", "p_conv"), ("acquisition", "ei")):
+            d.setdefault(key, default)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def risk_statement(stats: dict, target: float | None = None) -> str:
+    """The stated risk of an iteration's record in words (what `graceq status`, the report and
+    the coordinator print)."""
+    record = IterationStats.from_json(stats)
+    if not np.isfinite(record.risk):
+        return (f"no risk stated yet: {record.n_prospective} of the {MIN_PROSPECTIVE} prospective errors "
+                "it is fitted on")
+    law = f"t law, df {record.error_law_df:.3g}" if record.error_law_df < 999 else "normal law"
+    goal = "" if target is None else f" (stop at <= {target:g})"
+    return (f"P(a window structure is missed) <= {record.risk:.3g}{goal}, with {record.risk_confidence:.0%} "
+            f"confidence in the error law ({law}, fitted on {record.n_prospective} prospective predictions)")
+
+
 @dataclass
 class Decision:
     """The outcome of one iteration: its statistics, the pool predictions, and the next batch."""
 
-    stats: dict
+    stats: IterationStats
     mu: np.ndarray            # predicted reference energy per molecule, every pool structure
     sigma: np.ndarray         # calibrated uncertainty per molecule
     ei: np.ndarray            # EI of every unlabelled structure before the batch (NaN elsewhere)
@@ -127,76 +241,107 @@ class Decision:
     stop: str | None          # "converged", "budget", "pool exhausted" or None
 
 
+def stop_reached(stats: IterationStats, campaign_settings) -> bool:
+    """Whether the statistics meet the campaign's stopping rule (not the budget or the pool)."""
+    if campaign_settings.stop_rule == "p_conv":
+        return stats.p_conv >= campaign_settings.p_conv_target
+    return stats.risk <= campaign_settings.risk
+
+
 def stop_holds(stats: dict, settings, n_pool: int) -> bool:
     """Whether an iteration's recorded stop still stands under (possibly edited) settings.
 
-    A user who wants a few more batches after p_conv first reached its target raises
-    ``p_conv_target`` or ``budget``; the campaign then decides that iteration again and goes on.
+    A user who wants a few more batches after the stop lowers ``risk`` (or raises
+    ``p_conv_target``, or ``budget``); the campaign then decides that iteration again and goes on.
     """
     c = settings.campaign
-    if stats.get("stop") == "converged":
-        return stats["p_conv"] >= c.p_conv_target
-    if stats.get("stop") == "budget":
-        return stats["n_reference_calls"] >= (c.budget or n_pool)
-    return stats.get("stop") is not None
+    record = IterationStats.from_json(stats)
+    if record.stop == "converged":
+        return stop_reached(record, c)
+    if record.stop == "budget":
+        return record.n_reference_calls >= (c.budget or n_pool)
+    return record.stop is not None
+
+
+def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap, ei, best, window, n):
+    """The next n picks and their EI: ``p_window`` takes the n highest probabilities of lying in
+    the window (the n largest standardised gaps (T - mu) / spread: the expected number of window
+    structures found by a batch is the sum of its members' probabilities, so the top n maximise
+    it); ``greedy`` the n lowest predicted energies; ``ei`` the Kriging-Believer batch."""
+    if name == "ei":
+        picks, pick_ei = kriging_believer(
+            model, features, unlabelled, best, window, n,
+            offset=view.energy_ff_mol, scale=view.atoms_per_molecule, method="fast", return_ei=True,
+        )
+        return np.asarray(picks, dtype=int), np.asarray(pick_ei, dtype=float)
+    key = -gap[unlabelled] if name == "p_window" else mu[unlabelled]
+    picks = unlabelled[np.argsort(key, kind="stable")[:n]]
+    return picks.astype(int), ei[picks]
 
 
 def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int) -> Decision:
-    """Assess the fitted committee, test convergence, and pick the next Kriging-Believer batch."""
+    """Assess the fitted committee, state the risk, test the stop, and pick the next batch."""
     c = settings.campaign
     apm = view.atoms_per_molecule
     e_ff_mol = view.energy_ff_mol
     y_hat, y_sd = model.predict(features, return_std=True)
     mu = e_ff_mol + apm * y_hat
     sigma = apm * y_sd
+    spread = sigma / model.calibration_      # the committee's raw spread, per molecule
 
     stable = view.stable_rows()
     measured = view.reference_mol(stable)
     best = float(measured.min())
+    threshold = best + c.window
     unlabelled = view.unlabelled()
     conv = convergence_state(mu[unlabelled], sigma[unlabelled], measured, best, c.window)
+    errors = view.prospective_errors()
+    risk, law = expected_missed(mu[unlabelled], spread[unlabelled], threshold,
+                                error_laws(errors, c.risk_confidence))
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = (threshold - mu) / spread
 
-    n_calls = len(view.picks)
+    stats = IterationStats(
+        iteration=iteration,
+        n_labelled=int(len(stable)),
+        n_train=int(len(model.y_train_)),
+        n_reference_calls=int(len(view.picks)),
+        n_unstable=view.count("unstable"),
+        n_failed=view.count("failed"),
+        ridge_lambda=float(model.alpha_),
+        calibration=float(model.calibration_),
+        calibration_warning=getattr(model, "calibration_warning_", None),
+        test_rmse=float(model.test_rmse_) * apm,
+        best=best,
+        n_measured=int(conv["n_measured"]),
+        n_expected=float(conv["n_expected"]),
+        residual=float(conv["residual"]),
+        p_conv=float(conv["p_conv"]),
+        risk=float(risk),
+        risk_confidence=float(c.risk_confidence),
+        error_law_df=None if law is None else law.df,
+        error_law_scale=None if law is None else law.scale,
+        n_prospective=len(errors),
+        stop_rule=c.stop_rule,
+        acquisition=c.acquisition,
+        max_ei=float(np.nanmax(ei)) if len(unlabelled) else 0.0,
+        n_next=0,
+        stop=None,
+    )
     budget = c.budget or len(mu)
-    stop = None
-    if conv["p_conv"] >= c.p_conv_target:
-        stop = "converged"
-    elif n_calls >= budget:
-        stop = "budget"
+    if stop_reached(stats, c):
+        stats.stop = "converged"
+    elif stats.n_reference_calls >= budget:
+        stats.stop = "budget"
     elif len(unlabelled) == 0:
-        stop = "pool exhausted"
+        stats.stop = "pool exhausted"
 
     picks = np.array([], dtype=int)
     pick_ei = np.array([], dtype=float)
-    if stop is None:
-        n = min(batch_size(c.n_batch, len(mu)), budget - n_calls, len(unlabelled))
-        picks, pick_ei = kriging_believer(
-            model, features, unlabelled, best, c.window, n,
-            offset=e_ff_mol, scale=apm, method="fast", return_ei=True,
-        )
-        picks = np.asarray(picks, dtype=int)
-        pick_ei = np.asarray(pick_ei, dtype=float)
-
-    stats = {
-        "iteration": iteration,
-        "n_labelled": int(len(stable)),
-        "n_train": int(len(model.y_train_)),
-        "n_reference_calls": int(n_calls),
-        "n_unstable": view.count("unstable"),
-        "n_failed": view.count("failed"),
-        "lambda": float(model.alpha_),
-        "alpha": float(model.calibration_),
-        "calibration_warning": getattr(model, "calibration_warning_", None),
-        "test_rmse": float(model.test_rmse_) * apm,
-        "best": best,
-        "n_measured": int(conv["n_measured"]),
-        "n_expected": float(conv["n_expected"]),
-        "residual": float(conv["residual"]),
-        "p_conv": float(conv["p_conv"]),
-        "max_ei": float(np.nanmax(ei)) if len(unlabelled) else 0.0,
-        "n_next": int(len(picks)),
-        "stop": stop,
-    }
-    return Decision(stats, mu, sigma, ei, picks, pick_ei, stop)
+    if stats.stop is None:
+        n = min(batch_size(c.n_batch, len(mu)), budget - stats.n_reference_calls, len(unlabelled))
+        picks, pick_ei = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap, ei, best, c.window, n)
+    stats.n_next = int(len(picks))
+    return Decision(stats, mu, sigma, ei, picks, pick_ei, stats.stop)
