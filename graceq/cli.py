@@ -85,12 +85,13 @@ def init(campaign_dir, settings_file, **overrides) -> None:
               help="create the campaign from these settings if the directory has none")
 @click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
 @click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
-@click.option("--p-conv-target", type=float, help="a new stopping target (an existing campaign goes on past its stop)")
+@click.option("--risk", type=float, help="a new stated risk to stop at (lower: an existing campaign goes on past its stop)")
+@click.option("--p-conv-target", type=float, help='a new p_conv target (stop_rule "p_conv"; an existing campaign goes on)')
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @override_options
 @_user_errors
-def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quiet, **overrides) -> None:
-    """Run or resume the campaign until p_conv reaches its target (or the budget/pool runs out)."""
+def run(campaign_dir, settings_file, broker, max_iterations, risk, p_conv_target, quiet, **overrides) -> None:
+    """Run or resume the campaign until its stopping rule holds (or the budget/pool runs out)."""
     from graceq.coordinator import Coordinator, init_campaign
     from graceq.store import CampaignPaths
 
@@ -99,17 +100,17 @@ def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quie
         if not settings_file:
             raise click.ClickException(f"{campaign_dir}: no campaign here; pass --settings to create one")
         changes = _overrides(**overrides)
-        changes["campaign"]["p_conv_target"] = p_conv_target
+        changes["campaign"].update(p_conv_target=p_conv_target, risk=risk)
         init_campaign(load_settings(settings_file, changes), campaign_dir, source=settings_file)
     elif fixed := sorted(k for k, v in overrides.items() if v is not None and k != "budget"):
         raise click.ClickException(
             f"{campaign_dir}: --{', --'.join(k.replace('_', '-') for k in fixed)} cannot change once a "
-            "campaign has started (its decisions depend on them); only --p-conv-target and --budget can"
+            "campaign has started (its decisions depend on them); only --risk, --p-conv-target and --budget can"
         )
-    elif p_conv_target is not None or overrides.get("budget") is not None:
+    elif risk is not None or p_conv_target is not None or overrides.get("budget") is not None:
         # only the stopping rule may change mid-campaign: the decisions so far stay as they were
         data = load_settings(paths.settings).model_dump()
-        for key, value in (("p_conv_target", p_conv_target), ("budget", overrides.get("budget"))):
+        for key, value in (("risk", risk), ("p_conv_target", p_conv_target), ("budget", overrides.get("budget"))):
             if value is not None:
                 data["campaign"][key] = value
         write_settings(settings_from_dict(data, source=f"{paths.settings} with the new stopping rule"),
@@ -125,6 +126,8 @@ def _print_summary(summary: dict) -> None:
         f"\n{summary['n_reference_calls']} reference calls of {summary['n_pool']} structures "
         f"({summary['n_unstable']} unstable, {summary['n_failed']} failed); stop: {summary['stop']}; "
         f"p_conv {summary['p_conv'] if summary['p_conv'] is None else round(summary['p_conv'], 4)}\n"
+        + (f"stated risk: {summary['risk_statement']}\n" if summary.get("risk_statement") else "")
+        + (f"{summary['recall_note']}\n" if summary.get("recall_note") else "")
         f"{len(summary['found'])} structures within {summary['window']} {unit}/molecule of the best "
         f"({summary['best']} {unit}/molecule): {', '.join(summary['found'][:12])}"
         + (" ..." if len(summary["found"]) > 12 else "")
@@ -218,7 +221,7 @@ def relax(job_dir) -> None:
 
 DEMO_SETTINGS = {
     "campaign": {"pool": "roy264.extxyz", "unit": "kJ/mol", "window": 5.0, "n_init": 20, "n_batch": 10,
-                 "p_conv_target": 0.99, "seed": 0},
+                 "seed": 0},
     "engine": {"engine": "replay"},
 }
 

@@ -236,6 +236,7 @@ class Coordinator:
         return cp.CampaignView(
             n_atoms=self.n_atoms, energy_ff=self.energy_ff, atoms_per_molecule=self.apm,
             picks=[idx for idx, _ in self.store.picks()], results=self.store.results(),
+            predictions=cp.prospective_predictions(self.store.pick_table(), self.store.iterations()),
         )
 
     def _ingest(self, idx: int, path: Path) -> None:
@@ -352,23 +353,19 @@ class Coordinator:
         if not lam_path.exists():
             self._send(tasks.select_lambda, [str(self.paths.root), iteration], f"{prefix}-lambda")
             self._wait_files({"lambda": lam_path}, f"iteration {iteration}: choosing lambda")
-        alpha = json.loads(lam_path.read_text())["alpha"]
+        ridge_lambda = json.loads(lam_path.read_text())["ridge_lambda"]
         m = self.settings.model.n_members
         step = self.settings.model.members_per_task
         spans = [(a, min(a + step, m)) for a in range(0, m, step)]
         outputs = {span: self.paths.members(iteration, *span) for span in spans}
         for (a, b), path in outputs.items():
             if not path.exists():
-                self._send(tasks.fit_committee, [str(self.paths.root), iteration, a, b, alpha],
+                self._send(tasks.fit_committee, [str(self.paths.root), iteration, a, b, ridge_lambda],
                            f"{prefix}-members-{a:04d}-{b:04d}")
         self._wait_files(outputs, f"iteration {iteration}: fitting {m} members")
         parts = [np.load(outputs[s]) for s in spans]
-        model = CommitteeRidge.from_members(
-            features[plan.train_rows], plan.y_train, alpha, plan.subsets,
-            np.concatenate([p["coef"] for p in parts]), np.concatenate([p["intercept"] for p in parts]),
-            **plan.params,
-        )
-        return model.calibrate(features[plan.test_rows], plan.y_test)
+        return cp.assemble_committee(plan, features, ridge_lambda, np.concatenate([p["coef"] for p in parts]),
+                                     np.concatenate([p["intercept"] for p in parts]))
 
     # -- the loop --
     def run(self) -> dict:
@@ -411,16 +408,17 @@ class Coordinator:
             atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
                             sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)
             with self.store.transaction() as db:
-                self.store.add_iteration(db, iteration, decision.stats)
+                self.store.add_iteration(db, iteration, decision.stats.to_json())
                 if len(decision.picks):
                     self.store.add_picks(db, iteration + 1, decision.picks.tolist(), decision.pick_ei,
                                          decision.mu[decision.picks], decision.sigma[decision.picks])
             s = decision.stats
+            risk = "-" if not np.isfinite(s.risk) else f"{s.risk:.3g}"
             self._say(
-                f"iteration {iteration:3d}: {s['n_reference_calls']:4d} reference calls, best {s['best']:.3f}, "
-                f"p_conv {s['p_conv']:.3f}, residual {s['residual']:.2f}, test RMSE {s['test_rmse']:.3f} "
-                f"{c.unit}/molecule, lambda {s['lambda']:.1e}, alpha {s['alpha']:.2f}"
-                + (f" -> stop: {s['stop']}" if s["stop"] else f" -> {s['n_next']} next")
+                f"iteration {iteration:3d}: {s.n_reference_calls:4d} reference calls, best {s.best:.3f} "
+                f"{c.unit}/molecule, stated risk {risk}, p_conv {s.p_conv:.3f}, test RMSE {s.test_rmse:.3f} "
+                f"{c.unit}/molecule, ridge lambda {s.ridge_lambda:.1e}, calibration {s.calibration:.2f}"
+                + (f" -> stop: {s.stop}" if s.stop else f" -> {s.n_next} next")
             )
             write_summary(self.paths.root)
             done += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graceq.campaign import STABLE, per_molecule
+from graceq.campaign import STABLE, per_molecule, risk_statement
 from graceq.config import load_settings
 from graceq.store import CampaignPaths, CampaignStore, atomic_write_bytes, atomic_write_json
 
@@ -63,6 +63,49 @@ def campaign_table(root: str | Path) -> list[dict]:
     return rows
 
 
+def hindsight(paths: CampaignPaths, picks: list, window: float, unit: str) -> dict | None:
+    """What a retrospective campaign can say once every reference energy of the pool is known (a
+    replay of a completed reranking, as in `graceq demo`): the true window structures, the calls
+    this campaign needed to measure them all, and the calls force-field order needs. None when the
+    pool does not carry the reference energy of every structure.
+
+    ``picks``: (idx, iteration) in sampling order; the calls to full recall count whole batches.
+    Energies per molecule in ``unit``.
+    """
+    store = CampaignStore(paths.root)
+    try:
+        apm = int(store.get_meta("atoms_per_molecule"))
+        s = store.structures()
+    finally:
+        store.close()
+    _, e_ref, status = _pool_from_db(paths.structures, s["n_atoms"], apm)
+    usable = np.array([st not in ("unstable", "failed") for st in status])
+    if not usable.any() or not np.all(np.isfinite(e_ref[usable])):
+        return None
+    truth = np.where(usable, e_ref, np.inf)
+    window_set = set(np.flatnonzero(truth <= truth.min() + window).tolist())
+    iteration_of = {int(i): int(it) for i, it in picks}
+    found = window_set & set(iteration_of)
+    ff = np.argsort(per_molecule(s["energy_ff"], s["n_atoms"], apm), kind="stable")
+    ff_calls = max(int(np.flatnonzero(np.isin(ff, list(window_set))).max()) + 1, 0)
+    calls = None
+    if found == window_set:  # a batch is paid in full: every pick up to the batch of the last one
+        last_batch = max(iteration_of[i] for i in window_set)
+        calls = sum(1 for it in iteration_of.values() if it <= last_batch)
+    out = {"n_window_structures": len(window_set), "n_found": len(found), "calls_to_full_recall": calls,
+           "force_field_order_calls_to_full_recall": ff_calls,
+           "calls_saved_vs_force_field_order": None if calls is None else ff_calls - calls}
+    if calls is None:
+        out["note"] = (f"hindsight (the pool's reference energies are known): {len(found)} of the "
+                       f"{len(window_set)} window structures found so far; force-field order needs {ff_calls} "
+                       "calls to find them all")
+    else:
+        out["note"] = (f"hindsight (the pool's reference energies are known): all {len(window_set)} window "
+                       f"structures found after {calls} reference calls; force-field order needs {ff_calls}: "
+                       f"{ff_calls - calls} calls saved")
+    return out
+
+
 def write_summary(root: str | Path) -> dict:
     """Write summary.json and structures.csv in the campaign directory; returns the summary."""
     paths = CampaignPaths(root)
@@ -89,10 +132,18 @@ def write_summary(root: str | Path) -> dict:
         "found": [n for _, n in found],
         "converged": last.get("stop") == "converged",
         "stop": last.get("stop"),
+        "stop_rule": settings.campaign.stop_rule,
+        "risk_target": settings.campaign.risk if settings.campaign.stop_rule == "risk" else None,
+        "risk": last.get("risk"),
+        "risk_statement": risk_statement(last, settings.campaign.risk) if last else None,
         "p_conv": last.get("p_conv"),
+        "hindsight": (known := hindsight(paths, store.picks(), window, settings.campaign.unit)),
+        "recall_note": None if known is None else known["note"],
         "iterations": [
-            {k: it.get(k) for k in ("iteration", "p_conv", "residual", "n_expected", "test_rmse", "alpha",
-                                    "lambda", "n_labelled", "n_train", "n_reference_calls", "best", "max_ei")}
+            {k: it.get(k) for k in ("iteration", "risk", "p_conv", "residual", "n_expected", "test_rmse",
+                                    "calibration", "ridge_lambda", "error_law_df", "error_law_scale",
+                                    "n_prospective", "n_labelled", "n_train", "n_reference_calls", "best",
+                                    "max_ei")}
             for it in iterations
         ],
     }
@@ -124,11 +175,13 @@ def status_lines(root: str | Path) -> list[str]:
         it = iterations[-1]
         lines += [
             f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else 'running'})",
+            f"risk       {risk_statement(it, settings.campaign.risk)}",
             f"p_conv     {it['p_conv']:.4f}   residual {it['residual']:.2f} structures",
             f"best       {it['best']:.3f} {unit}/molecule; {it['n_measured']} measured within "
             f"{settings.campaign.window} {unit}/molecule",
-            f"model      test RMSE {it['test_rmse']:.3f} {unit}/molecule, lambda {it['lambda']:.1e}, "
-            f"alpha {it['alpha']:.2f}, {it['n_train']} training structures",
+            f"model      test RMSE {it['test_rmse']:.3f} {unit}/molecule, ridge lambda "
+            f"{it.get('ridge_lambda', it.get('lambda')):.1e}, calibration "
+            f"{it.get('calibration', it.get('alpha')):.2f}, {it['n_train']} training structures",
         ]
     else:
         lines.append("iteration  none finished yet")
@@ -153,6 +206,8 @@ class CampaignRecord:
     unit: str
     window: float
     p_conv_target: float
+    risk_target: float               # the stop rule's risk (stop_rule "risk")
+    stop_rule: str
     names: np.ndarray
     n_atoms: np.ndarray
     energy_ff: np.ndarray            # per molecule
@@ -237,7 +292,8 @@ def load_record(root: str | Path) -> CampaignRecord:
                 predictions[it["iteration"]] = {k: data[k] for k in data.files}
     return CampaignRecord(
         root=paths.root, unit=settings.campaign.unit, window=float(settings.campaign.window),
-        p_conv_target=float(settings.campaign.p_conv_target), names=s["name"], n_atoms=s["n_atoms"],
+        p_conv_target=float(settings.campaign.p_conv_target), risk_target=float(settings.campaign.risk),
+        stop_rule=settings.campaign.stop_rule, names=s["name"], n_atoms=s["n_atoms"],
         energy_ff=per_molecule(s["energy_ff"], s["n_atoms"], apm), energy_ref_pool=e_ref,
         status_pool=status, density=density, picks=picks, results=results, iterations=iterations,
         predictions=predictions,
@@ -324,24 +380,31 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
 
 
 def plot_convergence(rec: CampaignRecord, path: Path) -> Path:
-    """p_conv (with the stopping target), residual and test RMSE per iteration."""
+    """Stated risk and p_conv (each with its stopping target), residual and test RMSE per iteration."""
     title = "Convergence"
     if not rec.iterations:
         return _no_data(path, title, "no iteration finished yet")
     it = np.array([s["iteration"] for s in rec.iterations])
     calls = [s["n_reference_calls"] for s in rec.iterations]
-    fig, axes = _figure(8.0, 8.0, nrows=3, sharex=True)
-    axes[0].plot(it, [s["p_conv"] for s in rec.iterations], "o-", color="tab:blue")
-    axes[0].axhline(rec.p_conv_target, color="tab:red", ls="--", lw=1, label=f"stop at {rec.p_conv_target:g}")
-    axes[0].set_ylabel("p_conv")
-    axes[0].set_ylim(-0.02, 1.05)
-    axes[0].legend(loc="lower right", fontsize=8)
-    axes[1].plot(it, [s["residual"] for s in rec.iterations], "o-", color="tab:purple")
-    axes[1].set_ylabel("residual\n(expected missing structures)")
-    axes[2].plot(it, [s["test_rmse"] for s in rec.iterations], "o-", color="tab:brown")
-    axes[2].set_ylabel(f"test RMSE\n({rec.unit} per molecule)")
-    axes[2].set_xlabel("iteration")
-    axes[2].set_xticks(it)
+    fig, axes = _figure(8.0, 10.0, nrows=4, sharex=True)
+    risk = np.array([np.nan if s.get("risk") is None else s["risk"] for s in rec.iterations], dtype=float)
+    axes[0].semilogy(it, np.clip(risk, 1e-6, None), "o-", color="tab:green")
+    axes[0].axhline(rec.risk_target, color="tab:red", ls="--", lw=1,
+                    label=f"stop at {rec.risk_target:g}" + ("" if rec.stop_rule == "risk" else " (not the rule)"))
+    axes[0].set_ylabel("stated risk\nP(a window structure\nis missed) <=")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].plot(it, [s["p_conv"] for s in rec.iterations], "o-", color="tab:blue")
+    axes[1].axhline(rec.p_conv_target, color="tab:red", ls="--", lw=1,
+                    label=f"stop at {rec.p_conv_target:g}" + ("" if rec.stop_rule == "p_conv" else " (not the rule)"))
+    axes[1].set_ylabel("p_conv")
+    axes[1].set_ylim(-0.02, 1.05)
+    axes[1].legend(loc="lower right", fontsize=8)
+    axes[2].plot(it, [s["residual"] for s in rec.iterations], "o-", color="tab:purple")
+    axes[2].set_ylabel("residual\n(expected missing,\nnormal law)")
+    axes[3].plot(it, [s["test_rmse"] for s in rec.iterations], "o-", color="tab:brown")
+    axes[3].set_ylabel(f"test RMSE\n({rec.unit} per molecule)")
+    axes[3].set_xlabel("iteration")
+    axes[3].set_xticks(it)
     top = axes[0].secondary_xaxis("top")
     top.set_xticks(it)
     top.set_xticklabels([str(c) for c in calls], fontsize=7)
@@ -513,7 +576,7 @@ def plot_learning_curve(rec: CampaignRecord, path: Path) -> Path:
 
 PLOTS = (
     ("landscape.png", plot_landscape, "Energy-density landscape of the measured structures"),
-    ("convergence.png", plot_convergence, "p_conv, residual and test RMSE per iteration"),
+    ("convergence.png", plot_convergence, "stated risk, p_conv, residual and test RMSE per iteration"),
     ("expected_improvement.png", plot_expected_improvement, "Expected improvement per iteration"),
     ("energy_density.png", plot_energy_density, "Predicted energy density of the pool, last iteration"),
     ("learning_curve.png", plot_learning_curve, "Learning curve"),
@@ -545,6 +608,7 @@ def _html(rec: CampaignRecord, images: list[tuple[Path, str]]) -> str:
         ("reference calls", f"{n_calls} ({sum(1 for s, _ in rec.results.values() if s == 'unstable')} unstable, "
                             f"{sum(1 for s, _ in rec.results.values() if s == 'failed')} failed)"),
         ("stop", str(last.get("stop") or "running")),
+        ("stated risk", html.escape(risk_statement(last, rec.risk_target)) if last else "-"),
         ("p_conv", f"{last['p_conv']:.4f} (target {rec.p_conv_target:g})" if last else "-"),
         ("window", f"{rec.window:g} {rec.unit} per molecule above the best"),
         ("best", f"{rec.best:.3f} {rec.unit} per molecule" if rec.best is not None else "-"),

@@ -125,15 +125,15 @@ def select_lambda(campaign_dir: str, iteration: int) -> str:
     def work():
         X, y, _ = _training_set(paths, iteration)
         m = settings_of(campaign_dir).model
-        alpha, cv_rmse = select_ridge_alpha(X, y, alphas=np.asarray(m.alphas), cv=m.cv)
-        atomic_write_json(output, {"alpha": float(alpha), "cv_rmse": [float(v) for v in cv_rmse]})
+        ridge_lambda, cv_rmse = select_ridge_alpha(X, y, alphas=np.asarray(m.alphas), cv=m.cv)
+        atomic_write_json(output, {"ridge_lambda": float(ridge_lambda), "cv_rmse": [float(v) for v in cv_rmse]})
         return str(output)
 
     return _guarded(output, work)
 
 
 @app.task(name="graceq.fit_members")
-def fit_committee(campaign_dir: str, iteration: int, start: int, stop: int, alpha: float) -> str:
+def fit_committee(campaign_dir: str, iteration: int, start: int, stop: int, ridge_lambda: float) -> str:
     """Fit committee members start..stop-1 of an iteration; writes their coefficients."""
     from graceq.model import fit_members
 
@@ -144,7 +144,7 @@ def fit_committee(campaign_dir: str, iteration: int, start: int, stop: int, alph
 
     def work():
         X, y, data = _training_set(paths, iteration)
-        coef, intercept = fit_members(X, y, alpha, data["subsets"][start:stop])
+        coef, intercept = fit_members(X, y, ridge_lambda, data["subsets"][start:stop])
         atomic_save_npz(output, coef=coef, intercept=intercept)
         return str(output)
 
