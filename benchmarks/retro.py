@@ -1,33 +1,41 @@
-"""Retrospective benchmark: how many reference calls graceq needs on a pool whose answers are known.
+"""Retrospective benchmark: how many reference calls graceq needs on a pool whose answers are known,
+and whether its stop can be trusted.
 
-    python benchmarks/retro.py [--pool PATH] [--window 5] [--unit kJ/mol] [--json]
-                               [--seeds 0 1 2] [--n-init 20] [--n-batch 10] [--on-bad-molecule skip]
+    python benchmarks/retro.py [--pool PATH] [--window 5 [10 15]] [--unit kJ/mol] [--json]
+                               [--seeds 0 1 2 ...] [--n-init 20] [--n-batch 10] [--jobs 2]
+                               [--on-bad-molecule skip] [--methods graceq seed_recipe ...]
     python benchmarks/retro.py --check-campaign DIR
 
-Runs full replay campaigns (one per seed) and four baselines on the same pool, all in-process and
-through the same functions the coordinator calls (``graceq.campaign.initial_batch``,
-``plan_committee``, ``graceq.model.select_ridge_alpha`` / ``fit_members`` /
-``CommitteeRidge.from_members(...).calibrate``, ``graceq.campaign.decide``), continuing past the
-stopping rule until every window structure has been measured. The features are computed once per
-seed (the radial compression is fitted on the campaign's seeded sample, as the coordinator does)
-and cached in a temporary folder.
+Runs full replay campaigns (one per seed and method) in-process, through the functions the
+coordinator calls (``graceq.campaign.initial_batch``, ``plan_committee``,
+``graceq.model.select_ridge_alpha`` / ``fit_members``, ``graceq.campaign.assemble_committee``,
+``graceq.campaign.decide``), continuing past each method's stop until every window structure
+has been measured. Features are computed once per seed (the radial compression is fitted on the
+campaign's seeded sample, as the coordinator does) and cached.
 
-What is measured, for graceq and for each baseline (energies per molecule):
-- ``window structures``: stable pool structures with E_ref <= min(E_ref) + window, where min is the
+Methods (``methods`` in the JSON):
+- ``graceq``: the defaults (``acquisition = "p_window"``, ``stop_rule = "risk"``, risk 0.05);
+- ``seed_recipe``: the published method (``acquisition = "ei"``: EI with a Kriging-Believer batch;
+  ``stop_rule = "p_conv"``, p_conv >= 0.99);
+- ``greedy_predicted_energy``: the same committee, each batch the lowest predicted energies
+  (run to full recall only: its stop is not evaluated);
+- ``force_field_order``, ``random_order`` (one permutation per seed), ``fps_only`` (farthest point
+  sampling over the whole pool from the lowest E_ff): fixed orders, no campaign.
+
+What is measured (energies per molecule):
+- ``window structures``: stable pool structures with E_ref <= min(E_ref) + window, min being the
   TRUE minimum of the pool (unstable structures excluded);
-- ``calls_to_full_recall``: reference calls made when the last window structure was measured.
-  Batched methods (graceq, greedy) pay for whole batches; ordered baselines (force-field order,
-  random order, FPS) count the position of the last window structure in their order;
-- ``calls_at_stop`` / ``recall_at_stop``: the calls made when graceq's stopping rule
-  (p_conv >= target) first fired, and the fraction of window structures measured then. For the
-  ordered baselines the rule is evaluated along their order every n_batch calls after the first
-  n_init, with the same committee fitted on what they measured so far (p_conv is a statement about
-  the model and the measured set, so it applies to any sampling order);
-- ``p_conv_at_full_recall``: p_conv of the first assessment that sees every window structure.
-
-Baselines: force-field order (lowest E_ff per molecule first), random order (mean over the seeds),
-greedy predicted energy (graceq's initial batch and committee, each batch = the n_batch lowest
-predicted means), FPS only (farthest point sampling over the whole pool from the lowest E_ff).
+- ``calls_to_full_recall``: reference calls made when the last window structure was measured;
+  campaign methods pay for whole batches, fixed orders count the position of the last one;
+- ``calls_at_stop`` / ``recall_at_stop`` / ``missed_at_stop``: where the method's own rule first
+  held, and the window structures measured / not measured then; ``stated_risk_at_stop``: the
+  expected number of window structures still unmeasured that the rule stated there (it bounds
+  P(at least one missed)); ``stop_reason`` "pool exhausted" when the rule only held once nothing
+  was left;
+- ``checks``: per window, the early stops, the observed misses summed over seeds against the
+  stated risk summed over seeds, and mean calls at stop over mean calls to full recall;
+  ``graceq_loses_to_a_baseline``: every seed whose calls to full recall exceed force-field order's
+  or greedy's.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import argparse
 import hashlib
 import importlib.resources
 import json
+import os
 import sys
 import tempfile
 import time
@@ -158,31 +167,24 @@ def campaign_features(pool: ReplayPool, settings, cache_dir: Path | None = None)
 
 # -- one campaign, in-process -----------------------------------------------------------------------
 def fit_committee(view: cp.CampaignView, features: np.ndarray, settings, iteration: int) -> CommitteeRidge:
-    """The coordinator's committee fit, in-process: plan, lambda by CV, members, calibration."""
+    """The coordinator's committee fit, in-process: plan, lambda by CV, members, and the same
+    assembly and calibration as the coordinator (``graceq.campaign.assemble_committee``)."""
     m = settings.model
     plan = cp.plan_committee(view, m, settings.campaign.seed, iteration)
     X = features[plan.train_rows]
-    alpha, _ = select_ridge_alpha(X, plan.y_train, alphas=np.asarray(m.alphas), cv=m.cv)
+    ridge_lambda, _ = select_ridge_alpha(X, plan.y_train, alphas=np.asarray(m.alphas), cv=m.cv)
     step = m.members_per_task
-    parts = [fit_members(X, plan.y_train, alpha, plan.subsets[a:a + step]) for a in range(0, m.n_members, step)]
-    model = CommitteeRidge.from_members(
-        X, plan.y_train, alpha, plan.subsets, np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]), **plan.params,
-    )
-    return model.calibrate(features[plan.test_rows], plan.y_test)
+    parts = [fit_members(X, plan.y_train, ridge_lambda, plan.subsets[a:a + step]) for a in range(0, m.n_members, step)]
+    return cp.assemble_committee(plan, features, ridge_lambda, np.concatenate([p[0] for p in parts]),
+                                 np.concatenate([p[1] for p in parts]))
 
 
 def _never_stop(settings):
-    """A copy of the settings whose stopping rule never fires (the run continues to full recall)."""
+    """A copy of the settings whose stopping rule never fires: the run goes on past the stop, and
+    the method's own rule is evaluated on the recorded statistics instead (``cp.stop_reached``)."""
     s = settings.model_copy(deep=True)
+    s.campaign.stop_rule = "p_conv"
     s.campaign.p_conv_target = np.inf
-    return s
-
-
-def _assess_only(settings, n_calls: int):
-    """A copy of the settings whose budget is spent: decide() assesses but picks nothing."""
-    s = _never_stop(settings)
-    s.campaign.budget = n_calls
     return s
 
 
@@ -192,36 +194,37 @@ class Trace:
 
     order: list = field(default_factory=list)         # pool indices in sampling order (measured)
     next_picks: list = field(default_factory=list)    # the batch picked last and not measured
-    checkpoints: list = field(default_factory=list)   # (calls made, stats of decide())
+    checkpoints: list = field(default_factory=list)   # (calls made, IterationStats of decide())
     iterations_s: list = field(default_factory=list)
 
 
-def run_campaign(pool: ReplayPool, features: np.ndarray, settings, policy: str = "graceq",
-                 max_iterations: int | None = None, stop_when=None) -> Trace:
-    """Run a replay campaign in-process with the coordinator's decisions.
+def run_campaign(pool: ReplayPool, features: np.ndarray, settings, max_iterations: int | None = None,
+                 stop_when=None) -> Trace:
+    """Run a replay campaign in-process with the coordinator's decisions (``cp.decide`` with the
+    settings' acquisition), continuing past its stopping rule.
 
-    policy "graceq": Kriging-Believer EI batches (decide()); "greedy": the same committee, each batch
-    the n_batch unlabelled structures of lowest predicted mean. Runs until `stop_when(trace)` is
-    true, `max_iterations` iterations are done, or the pool is exhausted; the stopping rule is only
-    recorded (stats["p_conv"]), never obeyed.
+    Each pick's prediction (mean and raw committee spread, made before it is measured) is kept, as
+    the coordinator keeps it in the picks table, so that the stop rule sees the same prospective
+    errors. Runs until `stop_when(trace)` is true, `max_iterations` iterations are done, or the
+    pool is exhausted.
     """
     c = settings.campaign
     apm = pool.atoms_per_molecule
     trace = Trace(order=[int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, c.n_init)])
     free_run = _never_stop(settings)
+    predictions: dict[int, tuple[float, float]] = {}
     iteration = 0
     while True:
         start = time.perf_counter()
         view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=apm,
-                               picks=list(trace.order), results={i: pool.result(i) for i in trace.order})
+                               picks=list(trace.order), results={i: pool.result(i) for i in trace.order},
+                               predictions=dict(predictions))
         model = fit_committee(view, features, settings, iteration)
-        run_settings = free_run if policy == "graceq" else _assess_only(settings, len(trace.order))
-        decision = cp.decide(view, model, features, run_settings, iteration)
+        decision = cp.decide(view, model, features, free_run, iteration)
         picks = decision.picks
-        if policy == "greedy":
-            unlabelled = view.unlabelled()
-            n = min(c.n_batch, len(unlabelled))
-            picks = unlabelled[np.argsort(decision.mu[unlabelled], kind="stable")[:n]]
+        spread = decision.sigma / decision.stats.calibration
+        for i in picks:
+            predictions[int(i)] = (float(decision.mu[i]), float(spread[i]))
         trace.checkpoints.append((len(trace.order), decision.stats))
         trace.iterations_s.append(time.perf_counter() - start)
         iteration += 1
@@ -235,60 +238,39 @@ def run_campaign(pool: ReplayPool, features: np.ndarray, settings, policy: str =
     return trace
 
 
-def assess_order(pool: ReplayPool, features: np.ndarray, settings, order: np.ndarray, until: int) -> Trace:
-    """Evaluate the stopping rule along a fixed sampling order, every n_batch calls after n_init.
-
-    At each checkpoint the committee is fitted on the structures measured so far (in that order),
-    exactly as in a campaign; stops after the first checkpoint at or past `until` calls at which the
-    rule has fired (or at the end of the pool).
-    """
-    c = settings.campaign
-    trace = Trace(order=[int(i) for i in order])
-    target = c.p_conv_target
-    fired = False
-    for iteration, calls in enumerate(range(c.n_init, len(order) + c.n_batch, c.n_batch)):
-        calls = min(calls, len(order))
-        picks = list(trace.order[:calls])
-        view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff,
-                               atoms_per_molecule=pool.atoms_per_molecule, picks=picks,
-                               results={i: pool.result(i) for i in picks})
-        try:
-            model = fit_committee(view, features, settings, iteration)
-        except ValueError:  # too few stable structures for the chronological split yet
-            continue
-        stats = cp.decide(view, model, features, _assess_only(settings, calls), iteration).stats
-        trace.checkpoints.append((calls, stats))
-        fired = fired or stats["p_conv"] >= target
-        if (calls >= until and fired) or calls == len(order):
-            break
-    return trace
-
-
 # -- the figures --------------------------------------------------------------------------------------
-def figures(trace: Trace, window_set: np.ndarray, target: float, batched: bool, n_pool: int | None = None) -> dict:
-    """calls_to_full_recall, calls_at_stop, recall_at_stop, p_conv_at_full_recall of one trace.
+def calls_to_full_recall(order, window_set, checkpoints=None) -> int | None:
+    """Reference calls made when the last window structure was measured; with ``checkpoints``
+    (a batched method) the calls made when the batch holding it was sent, since a batch is paid in full."""
+    position = {idx: k for k, idx in enumerate(order)}
+    last = max(position.get(int(i), len(order) + 10**9) for i in window_set) + 1
+    if last > len(order):
+        return None
+    if checkpoints is None:
+        return last
+    return min((calls for calls, _ in checkpoints if calls >= last), default=len(order))
 
-    ``stop_reason`` is "p_conv" when the rule fired with structures left to measure, "pool
-    exhausted" when it only fired once every structure was measured (p_conv = 1 trivially), None
-    when it never fired along the trace.
+
+def figures(trace: Trace, window_set: np.ndarray, campaign_settings, n_pool: int) -> dict:
+    """calls_to_full_recall, calls_at_stop, recall_at_stop, stated_risk_at_stop, missed_at_stop.
+
+    The stop is the first assessment at which the method's own rule (``cp.stop_reached`` with
+    ``campaign_settings``) holds, or the assessment that finds the pool exhausted.
+    ``stop_reason``: "rule", or "pool exhausted" when the rule held only once nothing was left.
     """
-    position = {idx: k for k, idx in enumerate(trace.order)}
-    last = max(position.get(int(i), len(trace.order) + 10**9) for i in window_set) + 1
-    full = None
-    if last <= len(trace.order):
-        full = last
-        if batched:  # a batch is paid in full: the calls made when the batch holding `last` was sent
-            full = min((calls for calls, _ in trace.checkpoints if calls >= last), default=len(trace.order))
-    found = set(int(i) for i in window_set)
+    full = calls_to_full_recall(trace.order, window_set, trace.checkpoints)
+    wanted = set(int(i) for i in window_set)
     out = {"calls_to_full_recall": full, "calls_at_stop": None, "recall_at_stop": None,
-           "p_conv_at_full_recall": None, "stop_reason": None}
+           "stated_risk_at_stop": None, "missed_at_stop": None, "stop_reason": None,
+           "p_conv_at_full_recall": None}
     for calls, stats in trace.checkpoints:
-        if out["calls_at_stop"] is None and stats["p_conv"] >= target:
-            out["calls_at_stop"] = calls
-            out["recall_at_stop"] = round(len(found & set(trace.order[:calls])) / len(found), 4)
-            out["stop_reason"] = "pool exhausted" if n_pool is not None and calls >= n_pool else "p_conv"
+        if out["calls_at_stop"] is None and (cp.stop_reached(stats, campaign_settings) or calls >= n_pool):
+            missed = len(wanted - set(trace.order[:calls]))
+            out.update(calls_at_stop=calls, recall_at_stop=round(1 - missed / len(wanted), 4),
+                       missed_at_stop=missed, stop_reason="rule" if calls < n_pool else "pool exhausted",
+                       stated_risk_at_stop=None if not np.isfinite(stats.risk) else round(stats.risk, 4))
         if full is not None and out["p_conv_at_full_recall"] is None and calls >= full:
-            out["p_conv_at_full_recall"] = round(stats["p_conv"], 4)
+            out["p_conv_at_full_recall"] = round(stats.p_conv, 4)
     return out
 
 
@@ -299,82 +281,138 @@ def _mean(values):
 
 def summarise(per_seed: list[dict]) -> dict:
     keys = ("calls_to_full_recall", "calls_at_stop", "recall_at_stop", "p_conv_at_full_recall")
-    out = {k: _mean([r[k] for r in per_seed]) for k in keys}
+    out = {k: _mean([r.get(k) for r in per_seed]) for k in keys}
     out["per_seed"] = per_seed
     return out
 
 
 def make_settings(pool_path: str, unit: str, window: float, n_init: int, n_batch: int, seed: int,
-                  on_bad_molecule: str = "error"):
-    """The campaign settings of the benchmark: the defaults, with the pool's unit, window and batches."""
+                  on_bad_molecule: str = "error", **campaign):
+    """The campaign settings of the benchmark: the defaults, with the pool's unit, window and
+    batches (and any other [campaign] key, e.g. the seed recipe's acquisition and stop rule)."""
     return settings_from_dict({"campaign": {"pool": str(pool_path), "unit": unit, "window": window,
                                             "n_init": n_init, "n_batch": n_batch, "seed": seed,
-                                            "on_bad_molecule": on_bad_molecule}})
+                                            "on_bad_molecule": on_bad_molecule, **campaign}})
 
 
-def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init: int, n_batch: int,
-              cache_dir: Path, progress=print, on_bad_molecule: str = "error") -> dict:
-    """All the figures of the benchmark as one JSON-ready dict."""
+#: the methods run as campaigns: [campaign] settings on top of the defaults
+CAMPAIGN_METHODS = {
+    "graceq": {},                                                           # the defaults
+    "seed_recipe": {"acquisition": "ei", "stop_rule": "p_conv"},            # EI + KB + p_conv
+    "greedy_predicted_energy": {"acquisition": "greedy"},
+}
+
+
+def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
+    """One campaign of one method and seed, to full recall and its own stop; its figures."""
+    def done(trace):
+        fig = figures(trace, window_set, settings.campaign, len(pool))
+        return fig["calls_to_full_recall"] is not None and fig["calls_at_stop"] is not None
+
+    t = time.perf_counter()
+    trace = run_campaign(pool, features, settings, stop_when=done)
+    fig = figures(trace, window_set, settings.campaign, len(pool))
+    fig.update(iterations=len(trace.checkpoints), time_s=round(time.perf_counter() - t, 1),
+               calls_history=[c for c, _ in trace.checkpoints],
+               risk_history=[None if not np.isfinite(s.risk) else round(s.risk, 4) for _, s in trace.checkpoints],
+               p_conv_history=[round(s.p_conv, 4) for _, s in trace.checkpoints])
+    return fig
+
+
+def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_dir, on_bad_molecule, methods):
+    """Every campaign method of one seed, for every window: {window: {method: figures}}.
+
+    Greedy's picks do not depend on the window (the lowest predicted energies), so it runs once,
+    to full recall of the widest window; its stop is not evaluated.
+    """
+    from threadpoolctl import threadpool_limits
+
+    out = {w: {} for w in window_sets}
+    with threadpool_limits(int(os.environ.get("GRACEQ_RETRO_THREADS", "0")) or None):
+        base = make_settings(pool_path, unit, min(window_sets), n_init, n_batch, seed, on_bad_molecule)
+        features = campaign_features(pool, base, cache_dir)
+        for name in methods:
+            if name == "greedy_predicted_energy":
+                settings = make_settings(pool_path, unit, max(window_sets), n_init, n_batch, seed, on_bad_molecule,
+                                         **CAMPAIGN_METHODS[name])
+                every = np.unique(np.concatenate(list(window_sets.values())))
+                t = time.perf_counter()
+                trace = run_campaign(pool, features, settings,
+                                     stop_when=lambda tr: calls_to_full_recall(tr.order, every) is not None)
+                for window, window_set in window_sets.items():
+                    out[window][name] = {"calls_to_full_recall": calls_to_full_recall(
+                        trace.order, window_set, trace.checkpoints), "seed": seed,
+                        "time_s": round(time.perf_counter() - t, 1)}
+                continue
+            for window, window_set in window_sets.items():
+                settings = make_settings(pool_path, unit, window, n_init, n_batch, seed, on_bad_molecule,
+                                         **CAMPAIGN_METHODS[name])
+                out[window][name] = dict(run_method(pool, features, window_set, settings), seed=seed)
+                fig = out[window][name]
+                print(f"seed {seed} window {window} {name}: full recall {fig['calls_to_full_recall']}, stop "
+                      f"{fig['calls_at_stop']} (recall {fig['recall_at_stop']}, stated risk "
+                      f"{fig['stated_risk_at_stop']}), {fig['time_s']} s", file=sys.stderr, flush=True)
+    return out
+
+
+def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int], n_init: int, n_batch: int,
+              cache_dir: Path, progress=print, on_bad_molecule: str = "error", jobs: int = 1,
+              methods=tuple(CAMPAIGN_METHODS)) -> dict:
+    """All the figures of the benchmark, one JSON-ready dict per window."""
+    from joblib import Parallel, delayed
+
     started = time.perf_counter()
     pool = load_pool(pool_path, unit, on_bad_molecule)
-    window_set = pool.window_structures(window)
-    n_window = len(window_set)
-    methods: dict[str, list] = {"graceq": [], "greedy_predicted_energy": [], "random_order": []}
-    timing = {}
-    features_by_seed = {}
-    for seed in seeds:
-        settings = make_settings(pool_path, unit, window, n_init, n_batch, seed, on_bad_molecule)
-        target = settings.campaign.p_conv_target
-        t = time.perf_counter()
-        features = features_by_seed[seed] = campaign_features(pool, settings, cache_dir)
-        timing.setdefault("features_s", []).append(round(time.perf_counter() - t, 1))
-
-        def recalled(trace):
-            return set(int(i) for i in window_set) <= set(trace.order) and any(
-                s["p_conv"] >= target for _, s in trace.checkpoints)
-
-        for policy, name in (("graceq", "graceq"), ("greedy", "greedy_predicted_energy")):
-            t = time.perf_counter()
-            trace = run_campaign(pool, features, settings, policy, stop_when=recalled)
-            fig = figures(trace, window_set, target, batched=True, n_pool=len(pool))
-            fig.update(seed=seed, iterations=len(trace.checkpoints),
-                       p_conv_history=[round(s["p_conv"], 4) for _, s in trace.checkpoints],
-                       calls_history=[c for c, _ in trace.checkpoints])
-            if policy == "graceq":
-                fig["first_picks"] = trace.order[: n_init + n_batch]
-            methods[name].append(fig)
-            timing.setdefault(f"{name}_s", []).append(round(time.perf_counter() - t, 1))
-            progress(f"seed {seed} {name}: {json.dumps({k: fig[k] for k in list(fig)[:5]})}")
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(pool))
-        t = time.perf_counter()
-        full = figures(Trace(order=order.tolist()), window_set, target, batched=False)["calls_to_full_recall"]
-        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False,
-                      n_pool=len(pool))
-        fig.update(seed=seed)
-        methods["random_order"].append(fig)
-        timing.setdefault("random_order_s", []).append(round(time.perf_counter() - t, 1))
-        progress(f"seed {seed} random: {fig}")
-
-    settings = make_settings(pool_path, unit, window, n_init, n_batch, seeds[0], on_bad_molecule)
-    target = settings.campaign.p_conv_target
-    features = features_by_seed[seeds[0]]
-    result = {k: summarise(v) for k, v in methods.items()}
-    for name, order in (
-        ("force_field_order", np.argsort(pool.energy_ff_mol, kind="stable")),
-        ("fps_only", cp.initial_batch(features, pool.energy_ff_mol, len(pool))),
-    ):
-        t = time.perf_counter()
-        full = figures(Trace(order=list(map(int, order))), window_set, target, batched=False)["calls_to_full_recall"]
-        fig = figures(assess_order(pool, features, settings, order, full), window_set, target, batched=False,
-                      n_pool=len(pool))
-        result[name] = dict(fig, committee_seed=seeds[0])
-        timing[f"{name}_s"] = round(time.perf_counter() - t, 1)
-        progress(f"{name}: {fig}")
-
-    g = result["graceq"]
-    ff = result["force_field_order"]
-    missing = [r for r in g["per_seed"] if r["recall_at_stop"] is not None and r["recall_at_stop"] < 1.0]
+    window_sets = {w: pool.window_structures(w) for w in windows}
+    if jobs > 1:
+        os.environ.setdefault("GRACEQ_RETRO_THREADS", "1")
+    runs = Parallel(n_jobs=jobs, verbose=0)(
+        delayed(_seed_runs)(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_dir,
+                            on_bad_molecule, methods) for seed in seeds)
+    ff_order = np.argsort(pool.energy_ff_mol, kind="stable")
+    first = make_settings(pool_path, unit, windows[0], n_init, n_batch, seeds[0], on_bad_molecule)
+    fps_order = cp.initial_batch(campaign_features(pool, first, cache_dir), pool.energy_ff_mol, len(pool))
+    results = {}
+    for window, window_set in window_sets.items():
+        per_method = {name: [r[window][name] for r in runs] for name in methods}
+        result = {name: summarise(v) for name, v in per_method.items()}
+        result["force_field_order"] = {"calls_to_full_recall": calls_to_full_recall(ff_order.tolist(), window_set)}
+        result["fps_only"] = {"calls_to_full_recall": calls_to_full_recall(list(map(int, fps_order)), window_set),
+                              "committee_seed": seeds[0]}
+        randoms = [calls_to_full_recall(np.random.default_rng(s).permutation(len(pool)).tolist(), window_set)
+                   for s in seeds]
+        result["random_order"] = {"calls_to_full_recall": _mean(randoms), "per_seed": randoms}
+        g = result["graceq"]
+        ff_full = result["force_field_order"]["calls_to_full_recall"]
+        loses = []
+        for k, r in enumerate(g["per_seed"]):
+            greedy = per_method["greedy_predicted_energy"][k]["calls_to_full_recall"] if "greedy_predicted_energy" in per_method else None
+            if r["calls_to_full_recall"] is None or r["calls_to_full_recall"] > ff_full or (
+                    greedy is not None and r["calls_to_full_recall"] > greedy):
+                loses.append({"seed": r["seed"], "graceq": r["calls_to_full_recall"], "force_field_order": ff_full,
+                              "greedy": greedy})
+        checks = {}
+        for name in ("graceq", "seed_recipe"):
+            if name in per_method:
+                rs = per_method[name]
+                checks[name] = {
+                    "early_stops": [r["seed"] for r in rs if r["recall_at_stop"] is not None and r["recall_at_stop"] < 1],
+                    "observed_missed_total": int(sum(r["missed_at_stop"] or 0 for r in rs)),
+                    "runs_with_a_miss": int(sum(1 for r in rs if (r["missed_at_stop"] or 0) > 0)),
+                    "stated_risk_total": round(float(sum(r["stated_risk_at_stop"] or 0 for r in rs)), 4),
+                    "stop_over_full_recall": (None if not result[name]["calls_at_stop"] or not result[name]["calls_to_full_recall"]
+                                              else round(result[name]["calls_at_stop"] / result[name]["calls_to_full_recall"], 3)),
+                }
+        results[str(window)] = {
+            "window": window,
+            "n_window_structures": len(window_set),
+            "methods": result,
+            "calls_saved_vs_force_field_at_full_recall": (
+                None if g["calls_to_full_recall"] is None else round(ff_full - g["calls_to_full_recall"], 2)),
+            "graceq_loses_to_a_baseline": loses,
+            "checks": checks,
+        }
+        progress(f"window {window}: {json.dumps({k: v for k, v in results[str(window)].items() if k != 'methods'})}")
     return {
         "pool": str(pool_path),
         "n_pool": len(pool),
@@ -382,29 +420,15 @@ def benchmark(pool_path: str, window: float, unit: str, seeds: list[int], n_init
         "n_dropped_bad_molecules": pool.n_dropped,
         "unit": unit,
         "energy_basis": "per molecule",
-        "window": window,
-        "n_window_structures": n_window,
         "n_init": n_init,
         "n_batch": n_batch,
-        "p_conv_target": target,
         "seeds": seeds,
-        "committee": {"n_members": settings.model.n_members, "subsample": settings.model.subsample},
-        "methods": {k: result[k] for k in ("graceq", "force_field_order", "random_order",
-                                           "greedy_predicted_energy", "fps_only")},
-        "calls_saved_vs_force_field_at_full_recall": (
-            None if g["calls_to_full_recall"] is None or ff["calls_to_full_recall"] is None
-            else round(ff["calls_to_full_recall"] - g["calls_to_full_recall"], 2)),
-        "graceq_stopped_with_window_structure_missing": {
-            "seeds": [r["seed"] for r in missing],
-            "recall_at_stop": [r["recall_at_stop"] for r in missing],
-        },
-        "graceq_stopped_only_when_pool_exhausted_seeds": [
-            r["seed"] for r in g["per_seed"] if r["stop_reason"] != "p_conv"],
+        "windows": results,
         "notes": (
-            f"n_init {n_init}, n_batch {n_batch}; campaigns in-process with graceq.campaign decisions, "
-            "continued past the stopping rule to full recall; graceq and greedy pay whole batches; random "
-            "order: mean over seeds; force-field order and FPS: committee of the first seed for p_conv"),
-        "timing_s": dict(timing, total=round(time.perf_counter() - started, 1)),
+            f"n_init {n_init}, n_batch {n_batch}; campaigns in-process with graceq.campaign decisions, continued "
+            "past their stop to full recall; graceq, seed_recipe and greedy pay whole batches; stated risk = the "
+            "expected number of window structures unmeasured at the stop (bounds P(at least one missed))"),
+        "timing_s": round(time.perf_counter() - started, 1),
     }
 
 
@@ -430,7 +454,7 @@ def check_campaign(campaign_dir: str, cache_dir: Path | None = None) -> dict:
     same_features = None
     if campaign_features_file.exists():
         same_features = bool(np.allclose(features, np.load(campaign_features_file), rtol=1e-9, atol=1e-12))
-    trace = run_campaign(pool, features, settings, "graceq", max_iterations=len(stored))
+    trace = run_campaign(pool, features, settings, max_iterations=len(stored))
     mine = trace.order + trace.next_picks
     return {
         "campaign": str(root.resolve()),
@@ -439,18 +463,22 @@ def check_campaign(campaign_dir: str, cache_dir: Path | None = None) -> dict:
         "same_features": same_features,
         "same_picks": mine == picks,
         "first_difference": next((k for k, (a, b) in enumerate(zip(mine, picks)) if a != b), None),
-        "p_conv": [[round(s["p_conv"], 6) for _, s in trace.checkpoints], [round(s["p_conv"], 6) for s in stored]],
+        "p_conv": [[round(s.p_conv, 6) for _, s in trace.checkpoints], [round(s["p_conv"], 6) for s in stored]],
     }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", default=default_pool(), help="extxyz pool with energy_ff and energy_ref")
-    parser.add_argument("--window", type=float, default=5.0, help="energy window per molecule, in --unit")
+    parser.add_argument("--window", type=float, nargs="+", default=[5.0],
+                        help="energy window(s) per molecule, in --unit (several: one pool load, one feature set per seed)")
     parser.add_argument("--unit", default="kJ/mol")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-init", type=int, default=20)
     parser.add_argument("--n-batch", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=list(CAMPAIGN_METHODS), choices=list(CAMPAIGN_METHODS),
+                        help="campaign methods to run (the ordered baselines need no campaign and always run)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one BLAS thread each)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graceq-retro-cache"),
                         help="folder for cached features")
     parser.add_argument("--on-bad-molecule", choices=("error", "skip"), default="error",
@@ -464,7 +492,9 @@ def main(argv=None) -> None:
         return
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     out = benchmark(args.pool, args.window, args.unit, args.seeds, args.n_init, args.n_batch, Path(args.cache),
-                    progress=say, on_bad_molecule=args.on_bad_molecule)
+                    progress=say, on_bad_molecule=args.on_bad_molecule, jobs=args.jobs, methods=args.methods)
+    if len(args.window) == 1:  # one window: its figures at the top level (methods.graceq ...)
+        out.update(out.pop("windows")[str(args.window[0])])
     print(json.dumps(out, indent=None if args.json else 1))
 
 

@@ -43,7 +43,7 @@ def test_embedded_campaign_runs_to_a_stop(embedded_run):
     for key in ("n_reference_calls", "n_unstable", "converged", "found", "window", "unit"):
         assert key in summary
     for it in summary["iterations"]:
-        for key in ("p_conv", "residual", "test_rmse", "alpha", "lambda", "n_labelled"):
+        for key in ("p_conv", "residual", "test_rmse", "calibration", "ridge_lambda", "n_labelled"):
             assert it[key] is not None
     picks = picks_of(campaign)
     assert len(picks) == summary["n_reference_calls"] == len({i for i, _ in picks})
@@ -161,9 +161,10 @@ def test_status_and_report_commands(embedded_run):
 
 
 def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(embedded_run, roy_small, tmp_path):
-    """Stop early at p_conv 0.5, then ask for 0.99: the picks are those of a run aimed at 0.99 throughout."""
+    """Stop early at a stated risk of 0.9, then ask for 0.05: the picks are those of a run aimed at
+    0.05 throughout."""
     campaign, _ = embedded_run
-    settings = write_settings(tmp_path, roy_small, campaign={"p_conv_target": 0.5})
+    settings = write_settings(tmp_path, roy_small, campaign={"risk": 0.9})
     target = tmp_path / "campaign"
     run_cli("run", str(target), "--settings", str(settings), "--quiet")
     early = json.loads((target / "summary.json").read_text())
@@ -171,7 +172,7 @@ def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(e
     assert len(picks_of(target)) < len(picks_of(campaign))
     again = run_cli("run", str(target), "--quiet")  # the stop holds: nothing new happens
     assert json.loads((target / "summary.json").read_text())["n_reference_calls"] == early["n_reference_calls"]
-    run_cli("run", str(target), "--p-conv-target", "0.99", "--quiet")
+    run_cli("run", str(target), "--risk", "0.05", "--quiet")
     assert picks_of(target) == picks_of(campaign)
     assert "reference calls" in again.stdout
 

@@ -150,36 +150,47 @@ def test_retro_benchmark_replays_the_coordinator(campaign, tmp_path):
     features = retro.campaign_features(pool, settings, tmp_path)
     np.testing.assert_allclose(features, np.load(campaign / "artifacts" / "features.npy"), rtol=1e-9, atol=1e-12)
 
-    trace = retro.run_campaign(pool, features, settings, "graceq", max_iterations=2)
+    trace = retro.run_campaign(pool, features, settings, max_iterations=2)
     assert trace.order + trace.next_picks == [idx for idx, _, _ in _picks(campaign)]
     with sqlite3.connect(campaign / "state.sqlite") as db:
         stored = [json.loads(s) for (s,) in db.execute("SELECT stats FROM iterations ORDER BY iteration")]
     assert len(trace.checkpoints) == len(stored) == 2
     for (calls, mine), theirs in zip(trace.checkpoints, stored):
+        mine = mine.to_json()
         assert calls == theirs["n_reference_calls"]
-        for key in ("p_conv", "residual", "test_rmse", "lambda", "alpha", "best"):
+        for key in ("p_conv", "residual", "test_rmse", "ridge_lambda", "calibration", "best"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+        assert mine["risk"] == theirs["risk"] and mine["n_prospective"] == theirs["n_prospective"]
 
 
 def test_retro_figures_by_hand():
-    """calls_to_full_recall / calls_at_stop / recall_at_stop on a small made-up trace."""
+    """calls_to_full_recall / calls_at_stop / recall_at_stop / stated risk on a small made-up trace."""
+    from types import SimpleNamespace
+
     retro = _load_retro()
+
+    def stats(risk, p_conv):
+        return SimpleNamespace(risk=risk, p_conv=p_conv)
+
+    rule = SimpleNamespace(stop_rule="risk", risk=0.05, p_conv_target=0.99)
     trace = retro.Trace(order=[5, 1, 7, 2, 9, 3, 8, 0],
-                        checkpoints=[(2, {"p_conv": 0.2}), (4, {"p_conv": 0.995}), (6, {"p_conv": 0.9}),
-                                     (8, {"p_conv": 1.0})])
+                        checkpoints=[(2, stats(float("inf"), 0.2)), (4, stats(0.04, 0.995)), (6, stats(0.2, 0.9)),
+                                     (8, stats(0.0, 1.0))])
     window = np.array([1, 2, 3])
-    sequential = retro.figures(trace, window, 0.99, batched=False)
-    assert sequential == {"calls_to_full_recall": 6, "calls_at_stop": 4, "recall_at_stop": round(2 / 3, 4),
-                          "p_conv_at_full_recall": 0.9, "stop_reason": "p_conv"}
-    assert retro.figures(trace, window, 0.99, batched=True)["calls_to_full_recall"] == 6
-    late = retro.Trace(order=trace.order, checkpoints=[(5, {"p_conv": 0.5}), (8, {"p_conv": 0.999})])
-    assert retro.figures(late, window, 0.99, batched=True, n_pool=8) == {
-        "calls_to_full_recall": 8, "calls_at_stop": 8, "recall_at_stop": 1.0, "p_conv_at_full_recall": 0.999,
-        "stop_reason": "pool exhausted"}
-    never = retro.Trace(order=[5, 1, 7], checkpoints=[(3, {"p_conv": 0.4})])
-    assert retro.figures(never, window, 0.99, batched=False) == {
-        "calls_to_full_recall": None, "calls_at_stop": None, "recall_at_stop": None, "p_conv_at_full_recall": None,
-        "stop_reason": None}
+    assert retro.calls_to_full_recall(trace.order, window) == 6
+    assert retro.calls_to_full_recall(trace.order, window, trace.checkpoints) == 6
+    assert retro.calls_to_full_recall([5, 1, 7, 2, 9, 3], window, [(2, None), (5, None), (8, None)]) == 8
+    assert retro.figures(trace, window, rule, n_pool=8) == {
+        "calls_to_full_recall": 6, "calls_at_stop": 4, "recall_at_stop": round(2 / 3, 4), "missed_at_stop": 1,
+        "stated_risk_at_stop": 0.04, "stop_reason": "rule", "p_conv_at_full_recall": 0.9}
+    p_conv = SimpleNamespace(stop_rule="p_conv", risk=0.05, p_conv_target=0.999)
+    assert retro.figures(trace, window, p_conv, n_pool=8) == {
+        "calls_to_full_recall": 6, "calls_at_stop": 8, "recall_at_stop": 1.0, "missed_at_stop": 0,
+        "stated_risk_at_stop": 0.0, "stop_reason": "pool exhausted", "p_conv_at_full_recall": 0.9}
+    never = retro.Trace(order=[5, 1, 7], checkpoints=[(3, stats(float("inf"), 0.4))])
+    assert retro.figures(never, window, rule, n_pool=8) == {
+        "calls_to_full_recall": None, "calls_at_stop": None, "recall_at_stop": None, "missed_at_stop": None,
+        "stated_risk_at_stop": None, "stop_reason": None, "p_conv_at_full_recall": None}
 
 
 def _chromium() -> str:

@@ -1,0 +1,173 @@
+"""The default stop rule (a stated risk) against direct formulas, and on synthetic landscapes whose
+answer is known: a window structure that the force field ranks last must be measured before the
+stop, where the seed's p_conv rule stops without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from graceq import campaign as cp
+from graceq import convergence as conv
+from graceq.config import settings_from_dict
+
+
+def _load_retro():
+    name = "graceq_retro_benchmark"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "retro.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# -- the error law and the stated risk, against direct formulas --------------------------------------
+def test_error_laws_maximise_the_t_likelihood():
+    """Each profiled law's scale is the maximum-likelihood one (a dense grid cannot beat it), the
+    best law is in the set, and confidence 0 keeps only the best degrees of freedom."""
+    z = np.random.default_rng(1).standard_t(3.0, 300) * 1.7
+    laws = conv.error_laws(z, confidence=0.95)
+    assert laws and all(law.n == 300 for law in laws)
+    for law in laws:
+        grid = law.scale * np.exp(np.linspace(-0.05, 0.05, 201))
+        direct = [np.sum(stats.t.logpdf(z / s, law.df)) - len(z) * np.log(s) for s in grid]
+        assert law.loglik(z) >= max(direct) - 1e-6
+    profile = [conv._profile_scale(z, df) for df in conv.DF_GRID]
+    best = max(profile, key=lambda law: law.loglik(z))
+    assert any(law.df == best.df for law in laws)
+    only = conv.error_laws(z, confidence=0.0)
+    assert [law.df for law in only] == [best.df]
+    # Wilks: every kept law lies within chi2_1(0.95)/2 of the best log-likelihood, every other outside
+    cut = best.loglik(z) - stats.chi2.ppf(0.95, 1) / 2
+    kept = {law.df for law in laws}
+    for law in profile:
+        assert (law.loglik(z) >= cut) == (law.df in kept)
+    assert 2.0 < best.df < 6.0 and 1.3 < best.scale < 2.2     # it finds the law it was drawn from
+
+
+def test_expected_missed_is_the_direct_sum_and_the_largest_over_the_laws():
+    rng = np.random.default_rng(2)
+    mu = rng.uniform(-3.0, 40.0, 500)
+    spread = rng.uniform(0.5, 6.0, 500)
+    laws = conv.error_laws(rng.standard_t(4.0, 120), confidence=0.95)
+    threshold = 5.0
+    value, law = conv.expected_missed(mu, spread, threshold, laws)
+    direct = [sum(stats.t.cdf((threshold - m) / s / lw.scale, lw.df) for m, s in zip(mu, spread)) for lw in laws]
+    assert value == pytest.approx(max(direct), rel=1e-10)
+    assert law is laws[int(np.argmax(direct))]
+    # a measured-exactly structure (spread 0) counts 1 inside the window, 0 above it
+    assert conv.expected_missed([1.0, 9.0], [0.0, 0.0], 5.0, laws)[0] == 1.0
+
+
+def test_no_risk_is_stated_on_too_few_prospective_errors():
+    assert conv.error_laws(np.ones(conv.MIN_PROSPECTIVE - 1)) == []
+    assert conv.expected_missed([1.0], [1.0], 0.0, []) == (float("inf"), None)
+    with pytest.raises(ValueError, match="exactly 0"):
+        conv.error_laws(np.zeros(30))
+
+
+def test_prospective_predictions_undo_the_deciding_iterations_calibration():
+    """Picks of iteration k+1 carry the calibrated sigma of iteration k: the raw spread is sigma
+    divided by iteration k's calibration factor (records of older versions call it alpha)."""
+    table = [(4, 0, 0, None, None, None), (7, 1, 0, 0.3, -2.0, 3.0), (9, 2, 0, 0.1, -1.0, 5.0)]
+    iterations = [{"iteration": 0, "calibration": 1.5}, {"iteration": 1, "alpha": 2.0}]
+    assert cp.prospective_predictions(table, iterations) == {7: (-2.0, 2.0), 9: (-1.0, 2.5)}
+
+
+#: an iteration record as graceq 0.1 stored it (before the stated risk; "alpha" and "lambda")
+OLD_RECORD = {"iteration": 3, "n_labelled": 40, "n_train": 32, "n_reference_calls": 40, "n_unstable": 0,
+              "n_failed": 0, "lambda": 1e-3, "alpha": 1.4, "calibration_warning": None, "test_rmse": 2.0,
+              "best": -1.0, "n_measured": 5, "n_expected": 5.5, "residual": 0.5, "p_conv": 0.91, "max_ei": 0.2,
+              "n_next": 10, "stop": None}
+
+
+def test_iteration_stats_round_trip_and_old_records():
+    record = cp.IterationStats.from_json(OLD_RECORD)
+    assert record.ridge_lambda == 1e-3 and record.calibration == 1.4 and record.risk == float("inf")
+    assert record.stop_rule == "p_conv"
+    again = cp.IterationStats.from_json(record.to_json())
+    assert again == record and record.to_json()["risk"] is None
+
+
+def test_a_lowered_risk_lifts_a_recorded_stop():
+    settings = settings_from_dict({"campaign": {"pool": "p", "risk": 0.05}})
+    stats = dict(OLD_RECORD, stop="converged", risk=0.03, p_conv=0.9, n_reference_calls=60)
+    assert cp.stop_holds(stats, settings, 100)
+    settings.campaign.risk = 0.01
+    assert not cp.stop_holds(stats, settings, 100)
+    settings.campaign.stop_rule = "p_conv"
+    assert not cp.stop_holds(stats, settings, 100)     # p_conv 0.9 < 0.99
+
+
+# -- a synthetic landscape with a planted window structure --------------------------------------------
+def planted_landscape(seed: int, n: int = 300, above: float = 20.0):
+    """Features, E_ff, E_ref (kJ/mol per molecule, one molecule per cell) and the planted index.
+
+    The delta E_ref - E_ff is linear in the features (learnable) plus t-distributed errors with 2.5
+    degrees of freedom (heavy tails, scale 2 kJ/mol). The planted structure has the highest E_ff of
+    the pool (the cheap level ranks it last); its learnable delta puts it `above` kJ/mol above the
+    window's edge, and an error of the heavy tail puts it 2 kJ/mol above the true minimum.
+    """
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5))
+    X[:, 0] = rng.uniform(-15.0, 15.0, n)
+    w = np.array([6.0, 1.0, 1.0, 1.0, 1.0])
+    e_ff = rng.uniform(0.0, 20.0, n)
+    delta = -(X @ w) + 2.0 * rng.standard_t(2.5, n)
+    planted = int(np.argmax(e_ff))
+    e_ff[planted] = e_ff.max() + 10.0
+    e_ref = e_ff + delta
+    e_min = np.delete(e_ref, planted).min()
+    X[planted, 0] += ((e_ff[planted] - (e_min + 5.0 + above)) - X[planted] @ w) / w[0]
+    e_ref[planted] = e_min + 2.0
+    return X, e_ff, e_ref, planted
+
+
+def run_planted(seed: int, **campaign):
+    """A replay campaign on the planted landscape (in-process, the coordinator's decisions), to its stop."""
+    retro = _load_retro()
+    X, e_ff, e_ref, planted = planted_landscape(seed)
+    n = len(e_ff)
+    pool = retro.ReplayPool(
+        source="synthetic", frames=[], names=np.array([f"s{i}" for i in range(n)], dtype=object),
+        n_atoms=np.full(n, 10), energy_ff=e_ff, outcomes=[("converged", float(e)) for e in e_ref],
+        atoms_per_molecule=10)
+    settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 5.0, "n_init": 12, "n_batch": 6,
+                                                "seed": seed, **campaign}, "model": {"n_members": 32}})
+    window = pool.window_structures(5.0)
+    assert planted in window and np.argsort(e_ff)[-1] == planted
+    trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: retro.figures(
+        t, window, settings.campaign, n)["calls_at_stop"] is not None)
+    fig = retro.figures(trace, window, settings.campaign, n)
+    return fig, planted in trace.order[:fig["calls_at_stop"]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_window_structure_the_force_field_ranks_last_is_found_before_the_stop(seed):
+    fig, found = run_planted(seed)
+    assert fig["stop_reason"] == "rule"            # a real stop, not the pool running out
+    assert found and fig["recall_at_stop"] == 1.0
+    assert fig["stated_risk_at_stop"] <= 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_seed_rule_stops_without_it(seed):
+    """The same campaign with p_conv stops early with the planted structure unmeasured: the test
+    above fails if the default rule is replaced by p_conv."""
+    fig, found = run_planted(seed, stop_rule="p_conv")
+    assert fig["stop_reason"] == "rule" and not found and fig["recall_at_stop"] < 1.0
+
+
+def test_the_maximum_likelihood_law_alone_is_not_enough():
+    """Without the confidence set (risk_confidence 0) the rule stops on too few errors with the
+    planted structure missing: the confidence in the error law is what carries the guarantee."""
+    fig, found = run_planted(0, risk_confidence=0.0)
+    assert not found and fig["recall_at_stop"] < 1.0
