@@ -128,7 +128,7 @@ def _print_summary(summary: dict) -> None:
         f"p_conv {summary['p_conv'] if summary['p_conv'] is None else round(summary['p_conv'], 4)}\n"
         + (f"stated risk: {summary['risk_statement']}\n" if summary.get("risk_statement") else "")
         + (f"{summary['recall_note']}\n" if summary.get("recall_note") else "")
-        f"{len(summary['found'])} structures within {summary['window']} {unit}/molecule of the best "
+        + f"{len(summary['found'])} structures within {summary['window']} {unit}/molecule of the best "
         f"({summary['best']} {unit}/molecule): {', '.join(summary['found'][:12])}"
         + (" ..." if len(summary["found"]) > 12 else "")
         + f"\nsummary: {Path(summary['campaign']) / 'summary.json'}"
