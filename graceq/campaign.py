@@ -154,10 +154,6 @@ def plan_committee(view: CampaignView, model_settings, seed: int, iteration: int
     return CommitteePlan(rows[train], y[train], rows[test], y[test], subsets, params)
 
 
-STOP_RULES = ("risk", "p_conv")
-ACQUISITIONS = ("p_window", "ei", "greedy")
-
-
 @dataclass
 class IterationStats:
     """What one iteration measured and decided (stored as JSON in the iterations table).
@@ -165,8 +161,10 @@ class IterationStats:
     Energies per molecule in the campaign unit. ``ridge_lambda`` is the ridge regulariser chosen by
     cross-validation, ``calibration`` the committee's calibration factor (DESIGN.md 3): never both
     called alpha. ``risk`` is the stated risk: the expected number of window structures still
-    unmeasured, which bounds P(at least one is missed) (inf while fewer than
-    ``graceq.convergence.MIN_PROSPECTIVE`` prospective errors exist).
+    unmeasured, which bounds P(at least one is missed), under the least favourable law of the
+    model's errors that the prospective errors leave plausible at ``risk_confidence`` (inf while
+    fewer than ``graceq.convergence.MIN_PROSPECTIVE`` prospective errors exist);
+    ``error_law_df`` and ``error_law_scale`` are that law's (graceq.convergence).
     """
 
     iteration: int
