@@ -59,7 +59,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 from scipy.special import ndtr
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
@@ -122,12 +122,20 @@ class ErrorLaw:
 
     def cdf(self, z) -> np.ndarray:
         """P(Z <= z)."""
-        return stats.t.cdf(np.asarray(z, dtype=np.float64) / self.scale, self.df)
+        return special.stdtr(self.df, np.asarray(z, dtype=np.float64) / self.scale)
 
     def loglik(self, z) -> float:
         """Log-likelihood of the errors ``z`` under this law."""
-        z = np.asarray(z, dtype=np.float64)
-        return float(np.sum(stats.t.logpdf(z / self.scale, self.df)) - len(z) * np.log(self.scale))
+        return _t_loglik(np.asarray(z, dtype=np.float64), self.df, np.log(self.scale))
+
+
+def _t_loglik(z: np.ndarray, df: float, log_scale: float) -> float:
+    """Log-likelihood of ``z`` under a t law (location 0, scale exp(log_scale), ``df`` degrees of
+    freedom): the density written out with scipy.special (scipy.stats.t.logpdf is the reference
+    in the tests; this form is ~50x faster on the few hundred errors profiled per iteration)."""
+    x = z * np.exp(-log_scale)
+    const = special.gammaln((df + 1.0) / 2.0) - special.gammaln(df / 2.0) - 0.5 * np.log(df * np.pi)
+    return float(len(z) * (const - log_scale) - (df + 1.0) / 2.0 * np.sum(np.log1p(x * x / df)))
 
 
 def prospective_errors(energy_ref, mu, spread) -> np.ndarray:
@@ -145,7 +153,7 @@ def _profile_scale(z: np.ndarray, df: float) -> ErrorLaw:
     """The maximum-likelihood scale of a t law with ``df`` degrees of freedom (location 0)."""
     log_scale0 = np.log(np.sqrt(np.mean(z * z)))
     result = optimize.minimize_scalar(
-        lambda ls: -(np.sum(stats.t.logpdf(z / np.exp(ls), df)) - len(z) * ls),
+        lambda ls: -_t_loglik(z, df, ls),
         bounds=(log_scale0 - 6.0, log_scale0 + 2.0), method="bounded", options={"xatol": 1e-7},
     )
     return ErrorLaw(df=float(df), scale=float(np.exp(result.x)), n=len(z))
