@@ -312,11 +312,36 @@ def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
     t = time.perf_counter()
     trace = run_campaign(pool, features, settings, stop_when=done)
     fig = figures(trace, window_set, settings.campaign, len(pool))
+    wanted = set(int(i) for i in window_set)
     fig.update(iterations=len(trace.checkpoints), time_s=round(time.perf_counter() - t, 1),
                calls_history=[c for c, _ in trace.checkpoints],
+               missed_history=[len(wanted - set(trace.order[:c])) for c, _ in trace.checkpoints],
                risk_history=[None if not np.isfinite(s.risk) else round(s.risk, 4) for _, s in trace.checkpoints],
                p_conv_history=[round(s.p_conv, 4) for _, s in trace.checkpoints])
     return fig
+
+
+#: bins of the stated risk for the calibration table (expected number of window structures missed)
+RISK_BINS = (0.0, 0.05, 0.2, 1.0, 5.0, float("inf"))
+
+
+def calibration(runs: list[dict]) -> list[dict]:
+    """The stated risk against the misses actually observed, over every assessment of every run:
+    per bin of stated risk, the assessments, their mean stated risk, the mean number of window
+    structures then unmeasured, and the fraction of assessments with at least one unmeasured.
+    Honest statements have mean missed <= mean stated (it is an expectation) and, since it also
+    bounds P(a miss), a fraction with a miss below it."""
+    pairs = [(r, m) for run in runs for r, m in zip(run.get("risk_history", []), run.get("missed_history", []))
+             if r is not None]
+    out = []
+    for lo, hi in zip(RISK_BINS[:-1], RISK_BINS[1:]):
+        sel = [(r, m) for r, m in pairs if lo <= r < hi]
+        if sel:
+            out.append({"stated_from": lo, "stated_to": hi, "assessments": len(sel),
+                        "mean_stated": round(float(np.mean([r for r, _ in sel])), 4),
+                        "mean_missed": round(float(np.mean([m for _, m in sel])), 4),
+                        "fraction_with_a_miss": round(float(np.mean([m > 0 for _, m in sel])), 4)})
+    return out
 
 
 def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_dir, on_bad_molecule, methods):
@@ -403,6 +428,7 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
                     "stop_over_full_recall": (None if not result[name]["calls_at_stop"] or not result[name]["calls_to_full_recall"]
                                               else round(result[name]["calls_at_stop"] / result[name]["calls_to_full_recall"], 3)),
                 }
+        campaign_runs = [r for name in ("graceq", "seed_recipe") if name in per_method for r in per_method[name]]
         results[str(window)] = {
             "window": window,
             "n_window_structures": len(window_set),
@@ -411,6 +437,7 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
                 None if g["calls_to_full_recall"] is None else round(ff_full - g["calls_to_full_recall"], 2)),
             "graceq_loses_to_a_baseline": loses,
             "checks": checks,
+            "calibration": calibration(campaign_runs),
         }
         progress(f"window {window}: {json.dumps({k: v for k, v in results[str(window)].items() if k != 'methods'})}")
     return {

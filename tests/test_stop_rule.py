@@ -171,3 +171,15 @@ def test_the_maximum_likelihood_law_alone_is_not_enough():
     planted structure missing: the confidence in the error law is what carries the guarantee."""
     fig, found = run_planted(0, risk_confidence=0.0)
     assert not found and fig["recall_at_stop"] < 1.0
+
+
+def test_the_benchmark_calibration_table_by_hand():
+    retro = _load_retro()
+    runs = [{"risk_history": [None, 3.0, 0.5, 0.01], "missed_history": [5, 2, 1, 0]},
+            {"risk_history": [0.3, 0.04], "missed_history": [0, 0]}]
+    table = {row["stated_from"]: row for row in retro.calibration(runs)}
+    assert sorted(table) == [0.0, 0.2, 1.0]
+    assert table[0.0] == {"stated_from": 0.0, "stated_to": 0.05, "assessments": 2, "mean_stated": 0.025,
+                          "mean_missed": 0.0, "fraction_with_a_miss": 0.0}
+    assert table[0.2]["assessments"] == 2 and table[0.2]["mean_stated"] == 0.4
+    assert table[0.2]["mean_missed"] == 0.5 and table[0.2]["fraction_with_a_miss"] == 0.5
