@@ -368,6 +368,8 @@ def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_
                     out[window][name] = {"calls_to_full_recall": calls_to_full_recall(
                         trace.order, window_set, trace.checkpoints), "seed": seed,
                         "time_s": round(time.perf_counter() - t, 1)}
+                    print(f"seed {seed} window {window} {name}: full recall "
+                          f"{out[window][name]['calls_to_full_recall']}", file=sys.stderr, flush=True)
                 continue
             for window, window_set in window_sets.items():
                 settings = make_settings(pool_path, unit, window, n_init, n_batch, seed, on_bad_molecule,
