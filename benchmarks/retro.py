@@ -409,7 +409,7 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
         randoms = [calls_to_full_recall(np.random.default_rng(s).permutation(len(pool)).tolist(), window_set)
                    for s in seeds]
         result["random_order"] = {"calls_to_full_recall": _mean(randoms), "per_seed": randoms}
-        g = result["graceq"]
+        g = result.get("graceq", {"calls_to_full_recall": None, "per_seed": []})
         ff_full = result["force_field_order"]["calls_to_full_recall"]
         loses = []
         for k, r in enumerate(g["per_seed"]):
