@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from tqdm import tqdm
 
 from graceq import campaign as cp
 from graceq.config import ConfigError, Settings, load_settings, write_settings
-from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz, error_file
+from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
+from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
+
+__all__ = ["Coordinator", "EmbeddedWorkers", "TaskError", "init_campaign", "worker_command"]
 
 log = logging.getLogger("graceq.coordinator")
-
-
-class TaskError(RuntimeError):
-    """A worker could not do a task; the message carries the worker's reason."""
 
 
 # -- creating a campaign ------------------------------------------------------------------------
@@ -139,19 +137,6 @@ class EmbeddedWorkers:
             self.proc.wait()
 
 
-def job_is_lost(beat: float | None, sent_at: float, now: float, lease_timeout_s: float,
-                resend_unstarted_after_s: float) -> bool:
-    """Whether a reference job without a result must be sent again (times in s since the epoch).
-
-    ``beat`` is its lease's last heartbeat (None: no lease). Lost: the delivery we sent started and
-    then stopped beating (its worker died), or it never started within the allowed queueing time
-    (its message may be gone with a broker restart).
-    """
-    died = beat is not None and beat >= sent_at and now - beat > lease_timeout_s
-    unstarted = (beat is None or beat < sent_at) and now - sent_at > resend_unstarted_after_s
-    return died or unstarted
-
-
 # -- the coordinator ----------------------------------------------------------------------------
 class Coordinator:
     """Runs (or resumes) the campaign in `campaign_dir` until it converges or runs out."""
@@ -171,6 +156,7 @@ class Coordinator:
         s = self.store.structures()
         self.names, self.n_atoms, self.energy_ff = s["name"], s["n_atoms"], s["energy_ff"]
         self.workers: EmbeddedWorkers | None = None
+        self.dispatcher: Dispatcher | None = None
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
@@ -182,31 +168,6 @@ class Coordinator:
         if self.progress:
             tqdm.write(message)
 
-    def _wait_files(self, outputs: dict, desc: str, on_ready=None, on_idle=None) -> None:
-        """Wait until every output file exists; a worker's error file stops the campaign."""
-        missing = dict(outputs)
-        with self._bar(len(outputs), desc) as bar:
-            while missing:
-                done = [key for key, path in missing.items() if path.exists()]
-                for key in done:
-                    if on_ready is not None:
-                        on_ready(key, missing[key])
-                    del missing[key]
-                bar.update(len(done))
-                for key, path in missing.items():
-                    error = error_file(path)
-                    if error.exists():
-                        raise TaskError(f"{desc} failed on a worker: {json.loads(error.read_text())['error']}")
-                if missing:
-                    if self.workers is not None:
-                        self.workers.check()
-                    if on_idle is not None:
-                        on_idle(missing)
-                    time.sleep(self.settings.runtime.poll_interval)
-
-    def _send(self, task, args: list, task_id: str) -> None:
-        task.apply_async(args=args, task_id=task_id)
-
     # -- steps --
     def ensure_features(self) -> np.ndarray:
         """Fit the radial projection and featurize the pool in chunks (once per campaign)."""
@@ -215,20 +176,19 @@ class Coordinator:
         if not self.paths.features.exists():
             d = self.settings.descriptor
             n = len(self.names)
+            root = str(self.paths.root)
             if not self.paths.projection.exists():
                 rng = np.random.default_rng(self.settings.campaign.seed)
                 sample = np.sort(rng.choice(n, size=min(d.fit_sample, n), replace=False)).tolist()
-                self._send(tasks.fit_projection, [str(self.paths.root), sample, self.store.get_meta("species")],
-                           f"graceq-{self.campaign_id}-projection")
-                self._wait_files({"projection": self.paths.projection}, "fitting the radial compression")
-            chunks = {k: (start, min(start + d.chunk_size, n)) for k, start in enumerate(range(0, n, d.chunk_size))}
-            outputs = {k: self.paths.feature_chunk(k) for k in chunks}
-            for k, (start, stop) in chunks.items():
-                if not outputs[k].exists():
-                    self._send(tasks.featurize, [str(self.paths.root), k, start, stop],
-                               f"graceq-{self.campaign_id}-featurize-{k:05d}")
-            self._wait_files(outputs, "featurizing the pool")
-            features = np.concatenate([np.load(outputs[k]) for k in sorted(chunks)])
+                self.dispatcher.run([TaskSpec(tasks.fit_projection, [root, sample, self.store.get_meta("species")],
+                                              f"graceq-{self.campaign_id}-projection", self.paths.projection)],
+                                    "fitting the radial compression")
+            chunks = [(k, start, min(start + d.chunk_size, n)) for k, start in enumerate(range(0, n, d.chunk_size))]
+            specs = [TaskSpec(tasks.featurize, [root, k, a, b], f"graceq-{self.campaign_id}-featurize-{k:05d}",
+                              self.paths.feature_chunk(k)) for k, a, b in chunks]
+            with self._bar(len(specs), "featurizing the pool") as bar:
+                self.dispatcher.run(specs, "featurizing the pool", bar)
+            features = np.concatenate([np.load(spec.output) for spec in specs])
             atomic_save_npy(self.paths.features, features)
         return np.load(self.paths.features)
 
@@ -238,107 +198,40 @@ class Coordinator:
             picks=[idx for idx, _ in self.store.picks()], results=self.store.results(),
         )
 
-    def _ingest(self, idx: int, path: Path) -> None:
+    # -- reactions --
+    def on_result(self, idx: int, record: dict) -> bool:
+        """A result arrived: record it (once) with its relaxed structure; False for a duplicate."""
         from graceq.engines import ReferenceResult
 
-        record = json.loads(path.read_text())
         result = ReferenceResult.from_json(record)
         energy = None if result.energy is None else float(result.energy)
-        if self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
-            if result.atoms is not None:
-                from ase.db import connect
+        if not self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
+            return False
+        if result.atoms is not None:
+            from ase.db import connect
 
-                with connect(self.paths.relaxed) as db:
-                    db.write(result.atoms, name=str(self.names[idx]), pool_index=int(idx),
-                             status=result.status)
+            with connect(self.paths.relaxed) as db:
+                db.write(result.atoms, name=str(self.names[idx]), pool_index=int(idx), status=result.status)
+        return True
 
-    def run_reference_jobs(self, batch: list[int], iteration: int) -> None:
-        """Send every job of the batch without a result, collect results as they land, re-send lost jobs."""
-        from graceq import tasks
-
-        rt = self.settings.runtime
+    def send_picks(self, picks: list[int]) -> None:
+        """Slots free: send every pick without a result (a resumed campaign's jobs are taken over)."""
         done = self.store.results()
-        pending = [i for i in batch if i not in done]
-        outputs = {i: self.paths.result(i) for i in pending}
-        already = {i: p for i, p in outputs.items() if p.exists()}
-        for i, p in already.items():
-            self._ingest(i, p)
-            del outputs[i]
         jobs = self.store.jobs()
-        scheduler = self._batch_engine()
-        for i in outputs:
-            if scheduler is not None and (self.paths.job_dir(i) / "slurm.json").exists():
-                continue  # submitted to the batch scheduler already: polled below, never sent again
-            # first send, or a resumed campaign: a duplicate is harmless (the worker sees the result
-            # or the live lease and returns), a lost message is not
-            lease = tasks.Lease(self.paths.job_dir(i) / "lease.json", rt.lease_timeout)
-            if i not in jobs or not lease.is_fresh():
-                self._send_reference(i, iteration, count=i not in jobs)
+        pending = [i for i in picks if i not in done]
+        self.dispatcher.track([i for i in pending if i in jobs])
+        for i in pending:
+            if i not in jobs:
+                self.dispatcher.send(i)
 
-        def resend_lost(missing: dict) -> None:
-            from graceq.engines import ReferenceResult
-            from graceq.store import atomic_write_json
-
-            if scheduler is not None:
-                missing = self._poll_batch_jobs(scheduler, missing)
-            jobs = self.store.jobs()
-            for i in missing:
-                _, sent_at, attempts = jobs[i]
-                try:
-                    beat = (self.paths.job_dir(i) / "lease.json").stat().st_mtime
-                except FileNotFoundError:
-                    beat = None
-                if not job_is_lost(beat, sent_at, time.time(), rt.lease_timeout, rt.resend_unstarted_after):
-                    continue
-                if attempts >= rt.max_attempts:  # a job that kills its worker must not loop for ever
-                    lost = ReferenceResult(str(self.names[i]), "failed", None, None,
-                                           message=f"lost its worker {attempts} times")
-                    atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i)))
-                else:
-                    self._say(f"job {self.names[i]} lost its worker; sending it again")
-                    self._send_reference(i, iteration)
-
-        self._wait_files(outputs, "reference jobs", on_ready=self._ingest, on_idle=resend_lost)
-
-    def _batch_engine(self):
-        """The campaign's engine when it is a batch scheduler (slurm: submit, then poll), else None."""
-        if self.settings.engine.engine != "slurm":
-            return None
-        from graceq.engines import make_engine
-
-        return make_engine(self.settings.engine.model_dump(), self.settings.campaign.unit, None)
-
-    def _poll_batch_jobs(self, engine, missing: dict) -> dict:
-        """Write the result file of every submitted job that ended; returns the jobs not yet submitted.
-
-        A submitted job belongs to the scheduler: the engine resubmits one that vanished without a
-        result (up to its limit) and reports it failed after that, so the lease logic below is only
-        for jobs whose Celery task has not submitted them yet.
-        """
-        from graceq.store import atomic_write_json
-
-        submitted = {i: self.paths.job_dir(i) for i in missing if (self.paths.job_dir(i) / "slurm.json").exists()}
-        if submitted:
-            answers = engine.poll_many(list(submitted.values()))
-            for i, workdir in submitted.items():
-                result = answers[workdir.resolve()]
-                if result is not None:  # the job's own record (compute host, SLURM job id), else the engine's
-                    raw = workdir / "result.json"
-                    record = json.loads(raw.read_text()) if raw.exists() else result.to_json()
-                    record["idx"] = int(i)
-                    atomic_write_json(self.paths.result(i), record)
-        return {i: p for i, p in missing.items() if i not in submitted}
-
-    def _send_reference(self, idx: int, iteration: int, count: bool = True) -> None:
-        """Send job idx; `count` is False for a resumed campaign's re-send (not a new attempt)."""
-        from graceq import tasks
-
-        task_id = tasks.reference_task_id(self.campaign_id, iteration, idx)
-        self.store.record_sent(idx, task_id, count=count)
-        self._send(tasks.run_reference, [str(self.paths.root), int(idx), str(self.names[idx])], task_id)
+    def collect(self) -> None:
+        """Record every result of the jobs in flight as it lands (result -> store)."""
+        with self._bar(len(self.dispatcher.in_flight), "reference jobs") as bar:
+            for idx, record in self.dispatcher.results(bar):
+                self.on_result(idx, record)
 
     def fit_committee(self, view: cp.CampaignView, features: np.ndarray, iteration: int):
-        """Fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""
+        """Refit due: fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""
         from graceq import tasks
         from graceq.model import CommitteeRidge
 
@@ -348,27 +241,44 @@ class Coordinator:
             atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
                             test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets)
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
+        root = str(self.paths.root)
         lam_path = folder / "lambda.json"
-        if not lam_path.exists():
-            self._send(tasks.select_lambda, [str(self.paths.root), iteration], f"{prefix}-lambda")
-            self._wait_files({"lambda": lam_path}, f"iteration {iteration}: choosing lambda")
+        self.dispatcher.run([TaskSpec(tasks.select_lambda, [root, iteration], f"{prefix}-lambda", lam_path)],
+                            f"iteration {iteration}: choosing lambda")
         alpha = json.loads(lam_path.read_text())["alpha"]
         m = self.settings.model.n_members
         step = self.settings.model.members_per_task
-        spans = [(a, min(a + step, m)) for a in range(0, m, step)]
-        outputs = {span: self.paths.members(iteration, *span) for span in spans}
-        for (a, b), path in outputs.items():
-            if not path.exists():
-                self._send(tasks.fit_committee, [str(self.paths.root), iteration, a, b, alpha],
-                           f"{prefix}-members-{a:04d}-{b:04d}")
-        self._wait_files(outputs, f"iteration {iteration}: fitting {m} members")
-        parts = [np.load(outputs[s]) for s in spans]
+        specs = [TaskSpec(tasks.fit_committee, [root, iteration, a, min(a + step, m), alpha],
+                          f"{prefix}-members-{a:04d}-{min(a + step, m):04d}",
+                          self.paths.members(iteration, a, min(a + step, m))) for a in range(0, m, step)]
+        with self._bar(len(specs), f"iteration {iteration}: fitting {m} members") as bar:
+            self.dispatcher.run(specs, f"iteration {iteration}: fitting {m} members", bar)
+        parts = [np.load(spec.output) for spec in specs]
         model = CommitteeRidge.from_members(
             features[plan.train_rows], plan.y_train, alpha, plan.subsets,
             np.concatenate([p["coef"] for p in parts]), np.concatenate([p["intercept"] for p in parts]),
             **plan.params,
         )
         return model.calibrate(features[plan.test_rows], plan.y_test)
+
+    def decide(self, features: np.ndarray, model, iteration: int) -> cp.Decision:
+        """Pick: the convergence check and the next picks; persisted with the iteration in one transaction."""
+        decision = cp.decide(self.view(), model, features, self.settings, iteration)
+        atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
+                        sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)
+        with self.store.transaction() as db:
+            self.store.add_iteration(db, iteration, decision.stats)
+            if len(decision.picks):
+                self.store.add_picks(db, iteration + 1, decision.picks.tolist(), decision.pick_ei,
+                                     decision.mu[decision.picks], decision.sigma[decision.picks])
+        s = decision.stats
+        self._say(
+            f"iteration {iteration:3d}: {s['n_reference_calls']:4d} reference calls, best {s['best']:.3f}, "
+            f"p_conv {s['p_conv']:.3f}, residual {s['residual']:.2f}, test RMSE {s['test_rmse']:.3f} "
+            f"{self.settings.campaign.unit}/molecule, lambda {s['lambda']:.1e}, alpha {s['alpha']:.2f}"
+            + (f" -> stop: {s['stop']}" if s["stop"] else f" -> {s['n_next']} next")
+        )
+        return decision
 
     # -- the loop --
     def run(self) -> dict:
@@ -383,6 +293,8 @@ class Coordinator:
         self._say(f"graceq: campaign {self.paths.root} ({mode} broker: {app_module.redact(self.broker_url)})")
         if mode == "embedded":
             self.workers = EmbeddedWorkers(self.paths, self.settings.runtime.workers).__enter__()
+        self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names,
+                                     check_workers=self.workers.check if self.workers else None, say=self._say)
         try:
             return self._loop(write_summary)
         finally:
@@ -391,6 +303,7 @@ class Coordinator:
                 self.workers = None
 
     def _loop(self, write_summary) -> dict:
+        """Synchronous rounds (mode "batch"): send the batch, collect it, refit, decide, repeat."""
         features = self.ensure_features()
         c = self.settings.campaign
         if self.store.last_pick_iteration() is None:
@@ -403,25 +316,10 @@ class Coordinator:
             finished = {it["iteration"]: it for it in self.store.iterations()}
             if iteration in finished and cp.stop_holds(finished[iteration], self.settings, len(self.names)):
                 break  # a stop that the current settings keep; a lifted one re-decides this iteration
-            batch = [idx for idx, it in self.store.picks() if it == iteration]
-            self.run_reference_jobs(batch, iteration)
-            view = self.view()
-            model = self.fit_committee(view, features, iteration)
-            decision = cp.decide(view, model, features, self.settings, iteration)
-            atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
-                            sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)
-            with self.store.transaction() as db:
-                self.store.add_iteration(db, iteration, decision.stats)
-                if len(decision.picks):
-                    self.store.add_picks(db, iteration + 1, decision.picks.tolist(), decision.pick_ei,
-                                         decision.mu[decision.picks], decision.sigma[decision.picks])
-            s = decision.stats
-            self._say(
-                f"iteration {iteration:3d}: {s['n_reference_calls']:4d} reference calls, best {s['best']:.3f}, "
-                f"p_conv {s['p_conv']:.3f}, residual {s['residual']:.2f}, test RMSE {s['test_rmse']:.3f} "
-                f"{c.unit}/molecule, lambda {s['lambda']:.1e}, alpha {s['alpha']:.2f}"
-                + (f" -> stop: {s['stop']}" if s["stop"] else f" -> {s['n_next']} next")
-            )
+            self.send_picks([idx for idx, it in self.store.picks() if it == iteration])
+            self.collect()
+            model = self.fit_committee(self.view(), features, iteration)
+            decision = self.decide(features, model, iteration)
             write_summary(self.paths.root)
             done += 1
             if decision.stop or (self.max_iterations is not None and done >= self.max_iterations):
