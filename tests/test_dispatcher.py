@@ -218,21 +218,21 @@ def test_the_coordinator_waits_for_a_broker_that_is_down_instead_of_exiting(roy_
 
 
 def test_error_files_of_a_temporary_failure_do_not_stop_the_resume(roy_small, tmp_path):
-    """A featurize failure that goes away (here: the features folder is a file, then removed; in the
-    field: a full disk, then freed): the resume sends the tasks again and does not read the old
-    error files as the new attempt's."""
+    """A featurize (projection) failure that goes away (here: the pool database is away, then back; in the field:
+    a full disk, then freed): the resume sends the tasks again and does not read the old error
+    files as the new attempt's."""
     settings = _settings(tmp_path, roy_small, campaign={"n_init": 12, "budget": 12})
     target = tmp_path / "campaign"
     run_cli("init", str(target), "--settings", str(settings))
-    (target / "artifacts").mkdir(exist_ok=True)
-    blocker = target / "artifacts" / "features"
-    blocker.write_text("not a folder")
+    pool_db = target / "structures.db"
+    pool_db.rename(tmp_path / "away.db")
     failed = run_cli("run", str(target), "--quiet", check=False)
-    assert failed.returncode != 0 and "featurizing the pool failed on a worker" in failed.stderr, failed.stderr
-    blocker.unlink()
+    assert failed.returncode != 0 and "no such pool database" in failed.stderr, failed.stderr
+    assert list((target / "artifacts").glob("**/*.error.json"))
+    (tmp_path / "away.db").rename(pool_db)
     run_cli("run", str(target), "--quiet")
     assert len(picks_of(target)) == 12
-    assert not list((target / "artifacts" / "features").glob("*.error.json"))
+    assert not list((target / "artifacts").glob("**/*.error.json"))
 
 
 def test_only_the_holder_beats_writes_or_releases_a_lease(tmp_path):
