@@ -246,7 +246,7 @@ class TaskSpec:
     task_id: str
     output: Path
     sent_at: float = 0.0
-    sends: int = 0
+    losses: int = 0           # deliveries that started and then lost their worker
 
 
 @dataclass
@@ -322,7 +322,6 @@ class Dispatcher:
 
     def _resend(self, spec: TaskSpec) -> None:
         spec.sent_at = time.time()
-        spec.sends += 1
         self._send(spec.task, spec.args, spec.task_id, spec.output)
 
     def check(self, group: TaskGroup) -> bool:
@@ -333,6 +332,8 @@ class Dispatcher:
         """
         rt = self._rt
         now = time.time()
+        waiting = []
+        died = False
         for spec in group.specs:
             if spec.task_id in group.done:
                 continue
@@ -346,15 +347,24 @@ class Dispatcher:
                 except (ValueError, KeyError, FileNotFoundError):
                     reason = f"see {error}"
                 raise TaskError(f"{group.desc} failed on a worker: {reason} (task {spec.task_id}, {error})")
-            if job_is_lost(_mtime(lease_file(spec.output)), spec.sent_at, now, rt.lease_timeout,
-                           rt.resend_unstarted_after):
-                if spec.sends >= rt.max_attempts:
+            beat = _mtime(lease_file(spec.output))
+            if beat is None or beat < spec.sent_at:
+                waiting.append(spec)
+            if job_is_lost(beat, spec.sent_at, now, rt.lease_timeout, rt.resend_unstarted_after):
+                if beat is not None and beat >= spec.sent_at:
+                    spec.losses += 1
+                    died = True
+                if spec.losses >= rt.max_attempts:
                     raise TaskError(
-                        f"{group.desc}: task {spec.task_id} lost its worker {spec.sends} times "
+                        f"{group.desc}: task {spec.task_id} lost its worker {spec.losses} times "
                         f"(it writes {spec.output}); see the workers' logs (out of memory?), then `graceq run` again"
                     )
                 self.say(f"{group.desc}: task {spec.task_id} lost its worker; sending it again")
                 self._resend(spec)
+        if died:  # the dead worker may have taken other tasks from the queue without starting them
+            for spec in waiting:
+                if spec.sent_at < now:
+                    self._resend(spec)
         return group.complete
 
     def wait(self, group: TaskGroup, bar=None) -> None:
@@ -458,17 +468,26 @@ class Dispatcher:
         rt = self._rt
         jobs = self.store.jobs()
         now = time.time()
+        waiting = []
+        died = False
         for i in missing:
             _, sent_at, attempts = jobs[i]
             beat = _mtime(self.paths.job_dir(i) / "lease.json")
+            if beat is None or beat < sent_at:
+                waiting.append(i)
             if not job_is_lost(beat, sent_at, now, rt.lease_timeout, rt.resend_unstarted_after):
                 continue
+            died = died or (beat is not None and beat >= sent_at)
             if attempts >= rt.max_attempts:  # a job that kills its worker must not loop for ever
                 lost = ReferenceResult.failed(str(self.names[i]), f"lost its worker {attempts} times")
                 atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i)))
             else:
                 self.say(f"job {self.names[i]} lost its worker; sending it again")
                 self.send(i)
+        if died:  # the dead worker may have taken queued jobs without starting them: not an attempt
+            for i in waiting:
+                if jobs[i][1] < now and not self.paths.result(i).exists():
+                    self.send(i, count=False)
 
     def results(self, bar=None) -> Iterator[tuple[int, dict]]:
         """Every result of the jobs in flight as it lands; ends when none is in flight."""
