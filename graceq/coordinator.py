@@ -1,13 +1,21 @@
-"""The coordinator: runs a campaign by moving Celery messages and persisting every step.
+"""The coordinator: runs a campaign as a few named reactions over the task server.
 
-It is the single writer of the campaign's state. Each iteration: dispatch the batch's reference
-jobs, ingest each result as its file appears, dispatch the committee fit, then ask
-``graceq.campaign.decide`` for the convergence check and the next batch, and persist the iteration
-and its picks in one transaction. A coordinator killed at any point resumes from the store and
-makes the same next decision; a job whose worker died (its lease went stale) is sent again and
-resumes from its checkpoint; duplicate deliveries are ignored by the workers and by the store.
+It is the single writer of the campaign's state, and the thinker of Colmena's split: it decides
+what runs and records what came back; ``graceq.dispatcher`` (the task server) sends the tasks,
+watches leases, re-sends lost tasks and polls engines that run jobs out of band. The reactions:
+
+- result arrived -> ``on_result``: record it once in the store, with its relaxed structure;
+- refit due -> ``fit_committee``: lambda by CV and the committee members through ``fit`` tasks,
+  calibrated on the held-out rows;
+- slots free -> ``decide`` (``graceq.campaign.decide``: the stop check and the next picks, persisted
+  with the iteration in one transaction) -> ``send_picks``;
+- stop: ``decide`` says so (the same check in every mode).
+
+In synchronous rounds (``mode = "batch"``) a round sends its picks, collects every result, refits
+and decides. A coordinator killed at any point resumes from the store and makes the same next
+decision; a job whose worker died (its lease went stale) is sent again and resumes from its
+checkpoint; duplicate deliveries are ignored by the workers and by the store.
 """
-
 from __future__ import annotations
 
 import json
