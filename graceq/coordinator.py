@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from graceq import campaign as cp
+from graceq import steering
 from graceq.config import ConfigError, Settings, load_settings, write_settings
 from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
 from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
@@ -165,6 +166,21 @@ class Coordinator:
         self.names, self.n_atoms, self.energy_ff = s["name"], s["n_atoms"], s["energy_ff"]
         self.workers: EmbeddedWorkers | None = None
         self.dispatcher: Dispatcher | None = None
+        self._fits: dict = {}  # fit number -> Future of the calibrated committee (async mode)
+        self._executor = None
+
+    # -- settings of the asynchronous mode, read defensively (config.py may not declare them yet) --
+    @property
+    def mode(self) -> str:
+        return str(getattr(self.settings.campaign, "mode", "batch"))
+
+    @property
+    def slots(self) -> int:
+        return int(getattr(self.settings.campaign, "slots", 8))
+
+    @property
+    def refit_every(self) -> int:
+        return int(getattr(self.settings.campaign, "refit_every", 0) or self.slots)
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
@@ -213,8 +229,10 @@ class Coordinator:
 
         result = ReferenceResult.from_json(record)
         energy = None if result.energy is None else float(result.energy)
-        if not self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
-            return False
+        with self.store.transaction():  # the result and its place in the arrival order, together
+            if not self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
+                return False
+            self.store.add_arrival(idx)
         if result.atoms is not None:
             from ase.db import connect
 
@@ -304,6 +322,8 @@ class Coordinator:
         self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names,
                                      check_workers=self.workers.check if self.workers else None, say=self._say)
         try:
+            if self.mode == "async":
+                return self._async_loop(write_summary)
             return self._loop(write_summary)
         finally:
             if self.workers is not None:
@@ -333,3 +353,120 @@ class Coordinator:
             if decision.stop or (self.max_iterations is not None and done >= self.max_iterations):
                 break
         return write_summary(self.paths.root)
+
+    # -- asynchronous mode --
+    def prefix_view(self, n: int) -> cp.CampaignView:
+        """What the campaign knew right after its n-th recorded result: the first n arrivals, and
+        the picks of the initial batch and of decisions 1..n-1 (decision n is made on this)."""
+        arrived = set(self.store.arrivals()[:n])
+        results = {i: r for i, r in self.store.results().items() if i in arrived}
+        return cp.CampaignView(
+            n_atoms=self.n_atoms, energy_ff=self.energy_ff, atoms_per_molecule=self.apm,
+            picks=[idx for idx, it in self.store.picks() if it < n], results=results,
+        )
+
+    def _n_initial(self) -> int:
+        return sum(1 for _, it in self.store.picks() if it == 0)
+
+    def fit_schedule(self, n: int) -> int:
+        """The fit that decision n uses: fit r is trained on the first n0 + r * refit_every arrivals
+        and used from refit_every arrivals later on (fit 0 at once), so that a refit never holds
+        the slots and every decision depends on the arrival order only, never on timing."""
+        n0, k = self._n_initial(), self.refit_every
+        return 0 if n < n0 + 2 * k else (n - n0 - k) // k
+
+    def _fit_arrivals(self, r: int) -> int:
+        return self._n_initial() + r * self.refit_every
+
+    def _launch_fit(self, r: int, features: np.ndarray):
+        """Refit due: fit r through the fit queue in the background (lambda, members, calibration)."""
+        if r not in self._fits:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graceq-fit")
+            view = self.prefix_view(self._fit_arrivals(r))
+            self._fits[r] = self._executor.submit(self.fit_committee, view, features, r)
+        return self._fits[r]
+
+    def _model_for(self, n: int, features: np.ndarray):
+        """The fitted committee that decision n uses and the rows it saw (waits only if the fit is late)."""
+        r = self.fit_schedule(n)
+        model = self._launch_fit(r, features).result()
+        plan = cp.plan_committee(self.prefix_view(self._fit_arrivals(r)), self.settings.model,
+                                 self.settings.campaign.seed, r)
+        return model, np.concatenate([plan.train_rows, plan.test_rows])
+
+    def decide_on_arrival(self, n: int, features: np.ndarray, persist: bool = True) -> cp.Decision:
+        """Slots free -> pick: the decision after the n-th arrival (believing the jobs in flight)."""
+        view = self.prefix_view(n)
+        model, fitted_rows = self._model_for(n, features)
+        pending = [i for i in view.picks if i not in view.results]
+        decision = steering.decide_on_arrival(view, model, features, self.settings, n, fitted_rows, pending,
+                                              self.slots - len(pending))
+        if persist:
+            with self.store.transaction() as db:
+                self.store.add_iteration(db, n, decision.stats)
+                if len(decision.picks):
+                    self.store.add_picks(db, n, decision.picks.tolist(), decision.pick_ei,
+                                         decision.mu[decision.picks], decision.sigma[decision.picks])
+            s = decision.stats
+            log.info("arrival %d: %d pending, p_conv %.3f, %d sent%s", n, s["n_pending"], s["p_conv"],
+                     len(decision.picks), f", stop: {decision.stop}" if decision.stop else "")
+        return decision
+
+    def replay_decisions(self) -> dict[int, list[int]]:
+        """Every recorded decision made again from the arrival log: {decision: picks} (for checks)."""
+        from graceq import app as app_module
+
+        if self.dispatcher is None:  # the fits are on disk: nothing is sent
+            app_module.configure(embedded_dir=self.paths.broker)
+            self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names)
+        features = np.load(self.paths.features)
+        return {it["iteration"]: self.decide_on_arrival(it["iteration"], features, persist=False).picks.tolist()
+                for it in self.store.iterations()}
+
+    def _async_loop(self, write_summary) -> dict:
+        """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival."""
+        features = self.ensure_features()
+        c = self.settings.campaign
+        if self.store.last_pick_iteration() is None:
+            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
+            with self.store.transaction() as db:
+                self.store.add_picks(db, 0, first.tolist())
+        n0 = self._n_initial()
+        self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
+        decided = {it["iteration"]: it for it in self.store.iterations()}
+        stopped = any(it.get("stop") for it in decided.values())
+        n = len(self.store.arrivals())
+        if n >= n0 and n >= self._fit_arrivals(self.fit_schedule(n) + 1):  # a refit that fell due before a kill
+            self._launch_fit(self.fit_schedule(n) + 1, features)
+        for m in range(n0, n + 1):  # a coordinator killed between a result and its decision
+            if not stopped and m not in decided:
+                stopped = self._react(m, features) is not None
+        try:
+            while self.dispatcher.in_flight:
+                landed = self.dispatcher.arrivals()
+                if not landed:
+                    self.dispatcher.idle()
+                for idx, record in landed:  # result -> store; slots free -> pick -> send
+                    if not self.on_result(idx, record):
+                        continue
+                    n += 1
+                    if n >= n0 and not stopped:
+                        stopped = self._react(n, features) is not None
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+        return write_summary(self.paths.root)
+
+    def _react(self, n: int, features: np.ndarray) -> str | None:
+        """Decide after arrival n, send the picks, launch the refit that falls due; returns the stop."""
+        if n == self._fit_arrivals(self.fit_schedule(n) + 1):  # refit due: trained now, used later
+            self._launch_fit(self.fit_schedule(n) + 1, features)
+        decision = self.decide_on_arrival(n, features)
+        self.send_picks(decision.picks.tolist())
+        if decision.stop:  # the running jobs are waited for, and their results recorded
+            self._say(f"arrival {n}: stop: {decision.stop}; waiting for {len(self.dispatcher.in_flight)} running jobs")
+        return decision.stop
