@@ -94,12 +94,12 @@ def test_a_fit_task_lost_with_its_whole_worker_is_sent_again(roy_small, workers,
     coordinator = _coordinator(target, redis_url)
     try:
         iteration = target / "iterations" / "0000"
-        _wait(lambda: list(iteration.glob(".members_*.lease")) if iteration.exists() else [], 300,
+        _wait(lambda: list(iteration.glob(".members_*.lease")) if iteration.exists() else [], 900,
               "a committee fit task to start", coordinator)
         os.killpg(fitter.pid, signal.SIGKILL)
         fitter.wait()
         workers.start(queues="fit", concurrency=2, name="fresh-fitter@%h")
-        out = _finish(coordinator, 240)
+        out = _finish(coordinator, 900)
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
@@ -141,7 +141,7 @@ def test_a_worker_paused_past_its_lease_neither_deletes_the_new_lease_nor_rewrit
                     continue
             return None
 
-        lease, paused_pid = _wait(first_lease, 300, "the first reference job to start", coordinator)
+        lease, paused_pid = _wait(first_lease, 900, "the first reference job to start", coordinator)
         os.kill(paused_pid, signal.SIGSTOP)
         stopped = paused_pid
         workers.start(queues="dft", concurrency=4, name="rescuer@%h")
@@ -152,7 +152,7 @@ def test_a_worker_paused_past_its_lease_neither_deletes_the_new_lease_nor_rewrit
             except (ValueError, FileNotFoundError, KeyError):
                 return False
 
-        _wait(taken_over, 120, "another worker to take the job over", coordinator)
+        _wait(taken_over, 300, "another worker to take the job over", coordinator)
         new_holder = json.loads(lease.read_text())
         os.kill(paused_pid, signal.SIGCONT)
         stopped = None
@@ -168,7 +168,7 @@ def test_a_worker_paused_past_its_lease_neither_deletes_the_new_lease_nor_rewrit
             writers.add(json.loads(result.read_text())["pid"])
             time.sleep(0.02)
         assert writers == {new_holder["pid"]}, f"result written by {writers}, lease holder {new_holder['pid']}"
-        _finish(coordinator, 240)
+        _finish(coordinator, 900)
     finally:
         if stopped is not None:
             os.kill(stopped, signal.SIGCONT)
@@ -217,7 +217,7 @@ def test_the_coordinator_waits_for_a_broker_that_is_down_instead_of_exiting(roy_
         assert coordinator.poll() is None, f"the coordinator exited:\n{coordinator.stdout.read().decode()}"
         redis.start()
         pool.start(concurrency=2)
-        out = _finish(coordinator, 300)
+        out = _finish(coordinator, 900)
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
