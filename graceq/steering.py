@@ -101,6 +101,17 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         else:
             picks, pick_ei = check.picks, check.pick_ei
         picks, pick_ei = picks[:free_slots], pick_ei[:free_slots]
-    stats = dict(check.stats, n_reference_calls=int(n_calls), n_pending=len(pending),
-                 n_next=int(len(picks)), stop=stop)
+    stats = _updated(check.stats, n_reference_calls=int(n_calls), n_pending=len(pending),
+                     n_next=int(len(picks)), stop=stop)
     return cp.Decision(stats, check.mu, check.sigma, check.ei, picks, pick_ei, stop)
+
+
+def _updated(stats, **changes):
+    """The iteration statistics with some values changed (a dict, or a dataclass record whose
+    fields are kept: a change it has no field for is left out)."""
+    if isinstance(stats, dict):
+        return dict(stats, **changes)
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(stats)}
+    return replace(stats, **{k: v for k, v in changes.items() if k in known})

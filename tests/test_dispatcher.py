@@ -99,7 +99,7 @@ def test_a_fit_task_lost_with_its_whole_worker_is_sent_again(roy_small, workers,
         os.killpg(fitter.pid, signal.SIGKILL)
         fitter.wait()
         workers.start(queues="fit", concurrency=2, name="fresh-fitter@%h")
-        out = _finish(coordinator, 900)
+        _finish(coordinator, 900)
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
@@ -217,7 +217,7 @@ def test_the_coordinator_waits_for_a_broker_that_is_down_instead_of_exiting(roy_
         assert coordinator.poll() is None, f"the coordinator exited:\n{coordinator.stdout.read().decode()}"
         redis.start()
         pool.start(concurrency=2)
-        out = _finish(coordinator, 900)
+        _finish(coordinator, 900)
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
