@@ -62,7 +62,7 @@ def test_a_toy_batch_scheduler_engine_runs_a_campaign_with_no_change_outside_thi
         folder.mkdir()
         (folder / "settings.toml").write_text(settings_text(roy_small, campaign=campaign, engine=engine))
         run_cli("run", str(folder / "campaign"), "--settings", str(folder / "settings.toml"), "--quiet",
-                env=env, timeout=600)
+                env=env, timeout=1500)
         runs[label] = folder / "campaign"
     toy = runs["toy"]
     assert picks_of(toy) == picks_of(runs["replay"])  # the same answers, so the same decisions
