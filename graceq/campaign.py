@@ -82,17 +82,19 @@ class CampaignView:
         return prospective_errors(self.reference_mol(rows), mu, spread)
 
 
-def prospective_predictions(pick_table, iterations) -> dict[int, tuple[float, float]]:
+def prospective_predictions(pick_table, iterations, lag: int = 1) -> dict[int, tuple[float, float]]:
     """idx -> (mu, raw spread) at the moment each structure was picked, from the store's rows.
 
     ``pick_table``: (idx, iteration, rank, ei, mu, sigma) rows (sigma calibrated, per molecule);
-    ``iterations``: the stored statistics. Picks of iteration k+1 were decided by iteration k,
-    whose calibration factor turns the stored sigma back into the committee's raw spread.
+    ``iterations``: the stored statistics. The picks stored under iteration k were decided by the
+    record k - ``lag`` (batch rounds: iteration k-1 picks batch k, lag 1; asynchronous mode:
+    decision n stores its picks under n, lag 0), whose calibration factor turns the stored sigma
+    back into the committee's raw spread.
     """
     calibration = {int(s["iteration"]): s.get("calibration", s.get("alpha")) for s in iterations}
     out = {}
     for idx, iteration, _rank, _ei, mu, sigma in pick_table:
-        factor = calibration.get(int(iteration) - 1)
+        factor = calibration.get(int(iteration) - lag)
         if mu is not None and sigma is not None and factor:
             out[int(idx)] = (float(mu), float(sigma) / float(factor))
     return out
@@ -192,6 +194,7 @@ class IterationStats:
     max_ei: float
     n_next: int
     stop: str | None
+    n_pending: int = 0          # asynchronous mode: jobs in flight when the decision was made
 
     def to_json(self) -> dict:
         out = asdict(self)

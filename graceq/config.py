@@ -55,6 +55,14 @@ class CampaignSection(_Section):
         "predicted energies",
     )
     budget: int = Field(0, ge=0, description="most reference calls (0: the whole pool)")
+    mode: Literal["batch", "async"] = Field(
+        "batch", description='"batch": synchronous rounds (send a batch, wait for all of it, refit, decide); '
+        '"async": keep `slots` reference jobs in flight and decide after every result',
+    )
+    slots: int = Field(8, ge=1, description="reference jobs kept in flight in async mode")
+    refit_every: int = Field(
+        0, ge=0, description="async mode: results between two full refits of the committee (0: `slots`)",
+    )
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
     energy_key: str = "energy_ff"
     name_key: str = "name"
@@ -128,6 +136,9 @@ class RuntimeSection(_Section):
     )
     max_attempts: int = Field(3, ge=1, description="deliveries of one job before it counts as failed")
     poll_interval: float = Field(0.2, gt=0, description="s between looks at the result files")
+    send_retry_for: float = Field(
+        900.0, gt=0, description="s a send keeps retrying (with backoff) while the broker cannot be reached",
+    )
 
 
 class Settings(_Section):

@@ -1,13 +1,21 @@
-"""The coordinator: runs a campaign by moving Celery messages and persisting every step.
+"""The coordinator: runs a campaign as a few named reactions over the task server.
 
-It is the single writer of the campaign's state. Each iteration: dispatch the batch's reference
-jobs, ingest each result as its file appears, dispatch the committee fit, then ask
-``graceq.campaign.decide`` for the convergence check and the next batch, and persist the iteration
-and its picks in one transaction. A coordinator killed at any point resumes from the store and
-makes the same next decision; a job whose worker died (its lease went stale) is sent again and
-resumes from its checkpoint; duplicate deliveries are ignored by the workers and by the store.
+It is the single writer of the campaign's state, and the thinker of Colmena's split: it decides
+what runs and records what came back; ``graceq.dispatcher`` (the task server) sends the tasks,
+watches leases, re-sends lost tasks and polls engines that run jobs out of band. The reactions:
+
+- result arrived -> ``on_result``: record it once in the store, with its relaxed structure;
+- refit due -> ``fit_committee``: lambda by CV and the committee members through ``fit`` tasks,
+  calibrated on the held-out rows;
+- slots free -> ``decide`` (``graceq.campaign.decide``: the stop check and the next picks, persisted
+  with the iteration in one transaction) -> ``send_picks``;
+- stop: ``decide`` says so (the same check in every mode).
+
+In synchronous rounds (``mode = "batch"``) a round sends its picks, collects every result, refits
+and decides. A coordinator killed at any point resumes from the store and makes the same next
+decision; a job whose worker died (its lease went stale) is sent again and resumes from its
+checkpoint; duplicate deliveries are ignored by the workers and by the store.
 """
-
 from __future__ import annotations
 
 import json
@@ -16,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,14 +31,14 @@ import numpy as np
 from tqdm import tqdm
 
 from graceq import campaign as cp
+from graceq import steering
 from graceq.config import ConfigError, Settings, load_settings, write_settings
-from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz, error_file
+from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
+from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
+
+__all__ = ["Coordinator", "EmbeddedWorkers", "TaskError", "init_campaign", "worker_command"]
 
 log = logging.getLogger("graceq.coordinator")
-
-
-class TaskError(RuntimeError):
-    """A worker could not do a task; the message carries the worker's reason."""
 
 
 # -- creating a campaign ------------------------------------------------------------------------
@@ -139,19 +146,6 @@ class EmbeddedWorkers:
             self.proc.wait()
 
 
-def job_is_lost(beat: float | None, sent_at: float, now: float, lease_timeout_s: float,
-                resend_unstarted_after_s: float) -> bool:
-    """Whether a reference job without a result must be sent again (times in s since the epoch).
-
-    ``beat`` is its lease's last heartbeat (None: no lease). Lost: the delivery we sent started and
-    then stopped beating (its worker died), or it never started within the allowed queueing time
-    (its message may be gone with a broker restart).
-    """
-    died = beat is not None and beat >= sent_at and now - beat > lease_timeout_s
-    unstarted = (beat is None or beat < sent_at) and now - sent_at > resend_unstarted_after_s
-    return died or unstarted
-
-
 # -- the coordinator ----------------------------------------------------------------------------
 class Coordinator:
     """Runs (or resumes) the campaign in `campaign_dir` until it converges or runs out."""
@@ -171,6 +165,22 @@ class Coordinator:
         s = self.store.structures()
         self.names, self.n_atoms, self.energy_ff = s["name"], s["n_atoms"], s["energy_ff"]
         self.workers: EmbeddedWorkers | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._fits: dict = {}  # fit number -> Future of the calibrated committee (async mode)
+        self._executor = None
+
+    # -- settings of the asynchronous mode, read defensively (config.py may not declare them yet) --
+    @property
+    def mode(self) -> str:
+        return str(getattr(self.settings.campaign, "mode", "batch"))
+
+    @property
+    def slots(self) -> int:
+        return int(getattr(self.settings.campaign, "slots", 8))
+
+    @property
+    def refit_every(self) -> int:
+        return int(getattr(self.settings.campaign, "refit_every", 0) or self.slots)
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
@@ -182,31 +192,6 @@ class Coordinator:
         if self.progress:
             tqdm.write(message)
 
-    def _wait_files(self, outputs: dict, desc: str, on_ready=None, on_idle=None) -> None:
-        """Wait until every output file exists; a worker's error file stops the campaign."""
-        missing = dict(outputs)
-        with self._bar(len(outputs), desc) as bar:
-            while missing:
-                done = [key for key, path in missing.items() if path.exists()]
-                for key in done:
-                    if on_ready is not None:
-                        on_ready(key, missing[key])
-                    del missing[key]
-                bar.update(len(done))
-                for key, path in missing.items():
-                    error = error_file(path)
-                    if error.exists():
-                        raise TaskError(f"{desc} failed on a worker: {json.loads(error.read_text())['error']}")
-                if missing:
-                    if self.workers is not None:
-                        self.workers.check()
-                    if on_idle is not None:
-                        on_idle(missing)
-                    time.sleep(self.settings.runtime.poll_interval)
-
-    def _send(self, task, args: list, task_id: str) -> None:
-        task.apply_async(args=args, task_id=task_id)
-
     # -- steps --
     def ensure_features(self) -> np.ndarray:
         """Fit the radial projection and featurize the pool in chunks (once per campaign)."""
@@ -215,20 +200,19 @@ class Coordinator:
         if not self.paths.features.exists():
             d = self.settings.descriptor
             n = len(self.names)
+            root = str(self.paths.root)
             if not self.paths.projection.exists():
                 rng = np.random.default_rng(self.settings.campaign.seed)
                 sample = np.sort(rng.choice(n, size=min(d.fit_sample, n), replace=False)).tolist()
-                self._send(tasks.fit_projection, [str(self.paths.root), sample, self.store.get_meta("species")],
-                           f"graceq-{self.campaign_id}-projection")
-                self._wait_files({"projection": self.paths.projection}, "fitting the radial compression")
-            chunks = {k: (start, min(start + d.chunk_size, n)) for k, start in enumerate(range(0, n, d.chunk_size))}
-            outputs = {k: self.paths.feature_chunk(k) for k in chunks}
-            for k, (start, stop) in chunks.items():
-                if not outputs[k].exists():
-                    self._send(tasks.featurize, [str(self.paths.root), k, start, stop],
-                               f"graceq-{self.campaign_id}-featurize-{k:05d}")
-            self._wait_files(outputs, "featurizing the pool")
-            features = np.concatenate([np.load(outputs[k]) for k in sorted(chunks)])
+                self.dispatcher.run([TaskSpec(tasks.fit_projection, [root, sample, self.store.get_meta("species")],
+                                              f"graceq-{self.campaign_id}-projection", self.paths.projection)],
+                                    "fitting the radial compression")
+            chunks = [(k, start, min(start + d.chunk_size, n)) for k, start in enumerate(range(0, n, d.chunk_size))]
+            specs = [TaskSpec(tasks.featurize, [root, k, a, b], f"graceq-{self.campaign_id}-featurize-{k:05d}",
+                              self.paths.feature_chunk(k)) for k, a, b in chunks]
+            with self._bar(len(specs), "featurizing the pool") as bar:
+                self.dispatcher.run(specs, "featurizing the pool", bar)
+            features = np.concatenate([np.load(spec.output) for spec in specs])
             atomic_save_npy(self.paths.features, features)
         return np.load(self.paths.features)
 
@@ -239,107 +223,42 @@ class Coordinator:
             predictions=cp.prospective_predictions(self.store.pick_table(), self.store.iterations()),
         )
 
-    def _ingest(self, idx: int, path: Path) -> None:
+    # -- reactions --
+    def on_result(self, idx: int, record: dict) -> bool:
+        """A result arrived: record it (once) with its relaxed structure; False for a duplicate."""
         from graceq.engines import ReferenceResult
 
-        record = json.loads(path.read_text())
         result = ReferenceResult.from_json(record)
         energy = None if result.energy is None else float(result.energy)
-        if self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
-            if result.atoms is not None:
-                from ase.db import connect
+        with self.store.transaction():  # the result and its place in the arrival order, together
+            if not self.store.add_result(idx, result.status, energy, result.n_steps, result.message):
+                return False
+            self.store.add_arrival(idx)
+        if result.atoms is not None:
+            from ase.db import connect
 
-                with connect(self.paths.relaxed) as db:
-                    db.write(result.atoms, name=str(self.names[idx]), pool_index=int(idx),
-                             status=result.status)
+            with connect(self.paths.relaxed) as db:
+                db.write(result.atoms, name=str(self.names[idx]), pool_index=int(idx), status=result.status)
+        return True
 
-    def run_reference_jobs(self, batch: list[int], iteration: int) -> None:
-        """Send every job of the batch without a result, collect results as they land, re-send lost jobs."""
-        from graceq import tasks
-
-        rt = self.settings.runtime
+    def send_picks(self, picks: list[int]) -> None:
+        """Slots free: send every pick without a result (a resumed campaign's jobs are taken over)."""
         done = self.store.results()
-        pending = [i for i in batch if i not in done]
-        outputs = {i: self.paths.result(i) for i in pending}
-        already = {i: p for i, p in outputs.items() if p.exists()}
-        for i, p in already.items():
-            self._ingest(i, p)
-            del outputs[i]
         jobs = self.store.jobs()
-        scheduler = self._batch_engine()
-        for i in outputs:
-            if scheduler is not None and (self.paths.job_dir(i) / "slurm.json").exists():
-                continue  # submitted to the batch scheduler already: polled below, never sent again
-            # first send, or a resumed campaign: a duplicate is harmless (the worker sees the result
-            # or the live lease and returns), a lost message is not
-            lease = tasks.Lease(self.paths.job_dir(i) / "lease.json", rt.lease_timeout)
-            if i not in jobs or not lease.is_fresh():
-                self._send_reference(i, iteration, count=i not in jobs)
+        pending = [i for i in picks if i not in done]
+        self.dispatcher.track([i for i in pending if i in jobs])
+        for i in pending:
+            if i not in jobs:
+                self.dispatcher.send(i)
 
-        def resend_lost(missing: dict) -> None:
-            from graceq.engines import ReferenceResult
-            from graceq.store import atomic_write_json
-
-            if scheduler is not None:
-                missing = self._poll_batch_jobs(scheduler, missing)
-            jobs = self.store.jobs()
-            for i in missing:
-                _, sent_at, attempts = jobs[i]
-                try:
-                    beat = (self.paths.job_dir(i) / "lease.json").stat().st_mtime
-                except FileNotFoundError:
-                    beat = None
-                if not job_is_lost(beat, sent_at, time.time(), rt.lease_timeout, rt.resend_unstarted_after):
-                    continue
-                if attempts >= rt.max_attempts:  # a job that kills its worker must not loop for ever
-                    lost = ReferenceResult(str(self.names[i]), "failed", None, None,
-                                           message=f"lost its worker {attempts} times")
-                    atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i)))
-                else:
-                    self._say(f"job {self.names[i]} lost its worker; sending it again")
-                    self._send_reference(i, iteration)
-
-        self._wait_files(outputs, "reference jobs", on_ready=self._ingest, on_idle=resend_lost)
-
-    def _batch_engine(self):
-        """The campaign's engine when it is a batch scheduler (slurm: submit, then poll), else None."""
-        if self.settings.engine.engine != "slurm":
-            return None
-        from graceq.engines import make_engine
-
-        return make_engine(self.settings.engine.model_dump(), self.settings.campaign.unit, None)
-
-    def _poll_batch_jobs(self, engine, missing: dict) -> dict:
-        """Write the result file of every submitted job that ended; returns the jobs not yet submitted.
-
-        A submitted job belongs to the scheduler: the engine resubmits one that vanished without a
-        result (up to its limit) and reports it failed after that, so the lease logic below is only
-        for jobs whose Celery task has not submitted them yet.
-        """
-        from graceq.store import atomic_write_json
-
-        submitted = {i: self.paths.job_dir(i) for i in missing if (self.paths.job_dir(i) / "slurm.json").exists()}
-        if submitted:
-            answers = engine.poll_many(list(submitted.values()))
-            for i, workdir in submitted.items():
-                result = answers[workdir.resolve()]
-                if result is not None:  # the job's own record (compute host, SLURM job id), else the engine's
-                    raw = workdir / "result.json"
-                    record = json.loads(raw.read_text()) if raw.exists() else result.to_json()
-                    record["idx"] = int(i)
-                    atomic_write_json(self.paths.result(i), record)
-        return {i: p for i, p in missing.items() if i not in submitted}
-
-    def _send_reference(self, idx: int, iteration: int, count: bool = True) -> None:
-        """Send job idx; `count` is False for a resumed campaign's re-send (not a new attempt)."""
-        from graceq import tasks
-
-        task_id = tasks.reference_task_id(self.campaign_id, iteration, idx)
-        self.store.record_sent(idx, task_id, count=count)
-        self._send(tasks.run_reference, [str(self.paths.root), int(idx), str(self.names[idx])], task_id)
+    def collect(self) -> None:
+        """Record every result of the jobs in flight as it lands (result -> store)."""
+        with self._bar(len(self.dispatcher.in_flight), "reference jobs") as bar:
+            for idx, record in self.dispatcher.results(bar):
+                self.on_result(idx, record)
 
     def fit_committee(self, view: cp.CampaignView, features: np.ndarray, iteration: int):
-        """Fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""
+        """Refit due: fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""
         from graceq import tasks
         from graceq.model import CommitteeRidge
 
@@ -349,23 +268,42 @@ class Coordinator:
             atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
                             test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets)
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
+        root = str(self.paths.root)
         lam_path = folder / "lambda.json"
-        if not lam_path.exists():
-            self._send(tasks.select_lambda, [str(self.paths.root), iteration], f"{prefix}-lambda")
-            self._wait_files({"lambda": lam_path}, f"iteration {iteration}: choosing lambda")
+        self.dispatcher.run([TaskSpec(tasks.select_lambda, [root, iteration], f"{prefix}-lambda", lam_path)],
+                            f"iteration {iteration}: choosing lambda")
         ridge_lambda = json.loads(lam_path.read_text())["ridge_lambda"]
         m = self.settings.model.n_members
         step = self.settings.model.members_per_task
-        spans = [(a, min(a + step, m)) for a in range(0, m, step)]
-        outputs = {span: self.paths.members(iteration, *span) for span in spans}
-        for (a, b), path in outputs.items():
-            if not path.exists():
-                self._send(tasks.fit_committee, [str(self.paths.root), iteration, a, b, ridge_lambda],
-                           f"{prefix}-members-{a:04d}-{b:04d}")
-        self._wait_files(outputs, f"iteration {iteration}: fitting {m} members")
-        parts = [np.load(outputs[s]) for s in spans]
+        specs = [TaskSpec(tasks.fit_committee, [root, iteration, a, min(a + step, m), ridge_lambda],
+                          f"{prefix}-members-{a:04d}-{min(a + step, m):04d}",
+                          self.paths.members(iteration, a, min(a + step, m))) for a in range(0, m, step)]
+        with self._bar(len(specs), f"iteration {iteration}: fitting {m} members") as bar:
+            self.dispatcher.run(specs, f"iteration {iteration}: fitting {m} members", bar)
+        parts = [np.load(spec.output) for spec in specs]
         return cp.assemble_committee(plan, features, ridge_lambda, np.concatenate([p["coef"] for p in parts]),
                                      np.concatenate([p["intercept"] for p in parts]))
+
+    def decide(self, features: np.ndarray, model, iteration: int) -> cp.Decision:
+        """Pick: the convergence check and the next picks; persisted with the iteration in one transaction."""
+        decision = cp.decide(self.view(), model, features, self.settings, iteration)
+        atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
+                        sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)
+        with self.store.transaction() as db:
+            self.store.add_iteration(db, iteration, decision.stats.to_json())
+            if len(decision.picks):
+                self.store.add_picks(db, iteration + 1, decision.picks.tolist(), decision.pick_ei,
+                                     decision.mu[decision.picks], decision.sigma[decision.picks])
+        s = decision.stats
+        unit = self.settings.campaign.unit
+        risk = "-" if not np.isfinite(s.risk) else f"{s.risk:.3g}"
+        self._say(
+            f"iteration {iteration:3d}: {s.n_reference_calls:4d} reference calls, best {s.best:.3f} "
+            f"{unit}/molecule, stated risk {risk}, p_conv {s.p_conv:.3f}, test RMSE {s.test_rmse:.3f} "
+            f"{unit}/molecule, ridge lambda {s.ridge_lambda:.1e}, calibration {s.calibration:.2f}"
+            + (f" -> stop: {s.stop}" if s.stop else f" -> {s.n_next} next")
+        )
+        return decision
 
     # -- the loop --
     def run(self) -> dict:
@@ -380,7 +318,11 @@ class Coordinator:
         self._say(f"graceq: campaign {self.paths.root} ({mode} broker: {app_module.redact(self.broker_url)})")
         if mode == "embedded":
             self.workers = EmbeddedWorkers(self.paths, self.settings.runtime.workers).__enter__()
+        self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names,
+                                     check_workers=self.workers.check if self.workers else None, say=self._say)
         try:
+            if self.mode == "async":
+                return self._async_loop(write_summary)
             return self._loop(write_summary)
         finally:
             if self.workers is not None:
@@ -388,6 +330,7 @@ class Coordinator:
                 self.workers = None
 
     def _loop(self, write_summary) -> dict:
+        """Synchronous rounds (mode "batch"): send the batch, collect it, refit, decide, repeat."""
         features = self.ensure_features()
         c = self.settings.campaign
         if self.store.last_pick_iteration() is None:
@@ -400,28 +343,131 @@ class Coordinator:
             finished = {it["iteration"]: it for it in self.store.iterations()}
             if iteration in finished and cp.stop_holds(finished[iteration], self.settings, len(self.names)):
                 break  # a stop that the current settings keep; a lifted one re-decides this iteration
-            batch = [idx for idx, it in self.store.picks() if it == iteration]
-            self.run_reference_jobs(batch, iteration)
-            view = self.view()
-            model = self.fit_committee(view, features, iteration)
-            decision = cp.decide(view, model, features, self.settings, iteration)
-            atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
-                            sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)
-            with self.store.transaction() as db:
-                self.store.add_iteration(db, iteration, decision.stats.to_json())
-                if len(decision.picks):
-                    self.store.add_picks(db, iteration + 1, decision.picks.tolist(), decision.pick_ei,
-                                         decision.mu[decision.picks], decision.sigma[decision.picks])
-            s = decision.stats
-            risk = "-" if not np.isfinite(s.risk) else f"{s.risk:.3g}"
-            self._say(
-                f"iteration {iteration:3d}: {s.n_reference_calls:4d} reference calls, best {s.best:.3f} "
-                f"{c.unit}/molecule, stated risk {risk}, p_conv {s.p_conv:.3f}, test RMSE {s.test_rmse:.3f} "
-                f"{c.unit}/molecule, ridge lambda {s.ridge_lambda:.1e}, calibration {s.calibration:.2f}"
-                + (f" -> stop: {s.stop}" if s.stop else f" -> {s.n_next} next")
-            )
+            self.send_picks([idx for idx, it in self.store.picks() if it == iteration])
+            self.collect()
+            model = self.fit_committee(self.view(), features, iteration)
+            decision = self.decide(features, model, iteration)
             write_summary(self.paths.root)
             done += 1
             if decision.stop or (self.max_iterations is not None and done >= self.max_iterations):
                 break
         return write_summary(self.paths.root)
+
+    # -- asynchronous mode --
+    def prefix_view(self, n: int) -> cp.CampaignView:
+        """What the campaign knew right after its n-th recorded result: the first n arrivals, and
+        the picks of the initial batch and of decisions 1..n-1 (decision n is made on this)."""
+        arrived = set(self.store.arrivals()[:n])
+        results = {i: r for i, r in self.store.results().items() if i in arrived}
+        return cp.CampaignView(
+            n_atoms=self.n_atoms, energy_ff=self.energy_ff, atoms_per_molecule=self.apm,
+            picks=[idx for idx, it in self.store.picks() if it < n], results=results,
+            predictions=cp.prospective_predictions(
+                [row for row in self.store.pick_table() if row[1] < n], self.store.iterations(), lag=0),
+        )
+
+    def _n_initial(self) -> int:
+        return sum(1 for _, it in self.store.picks() if it == 0)
+
+    def fit_schedule(self, n: int) -> int:
+        """The fit that decision n uses: fit r is trained on the first n0 + r * refit_every arrivals
+        and used from refit_every arrivals later on (fit 0 at once), so that a refit never holds
+        the slots and every decision depends on the arrival order only, never on timing."""
+        n0, k = self._n_initial(), self.refit_every
+        return 0 if n < n0 + 2 * k else (n - n0 - k) // k
+
+    def _fit_arrivals(self, r: int) -> int:
+        return self._n_initial() + r * self.refit_every
+
+    def _launch_fit(self, r: int, features: np.ndarray):
+        """Refit due: fit r through the fit queue in the background (lambda, members, calibration)."""
+        if r not in self._fits:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graceq-fit")
+            view = self.prefix_view(self._fit_arrivals(r))
+            self._fits[r] = self._executor.submit(self.fit_committee, view, features, r)
+        return self._fits[r]
+
+    def _model_for(self, n: int, features: np.ndarray):
+        """The fitted committee that decision n uses and the rows it saw (waits only if the fit is late)."""
+        r = self.fit_schedule(n)
+        model = self._launch_fit(r, features).result()
+        plan = cp.plan_committee(self.prefix_view(self._fit_arrivals(r)), self.settings.model,
+                                 self.settings.campaign.seed, r)
+        return model, np.concatenate([plan.train_rows, plan.test_rows])
+
+    def decide_on_arrival(self, n: int, features: np.ndarray, persist: bool = True) -> cp.Decision:
+        """Slots free -> pick: the decision after the n-th arrival (believing the jobs in flight)."""
+        view = self.prefix_view(n)
+        model, fitted_rows = self._model_for(n, features)
+        pending = [i for i in view.picks if i not in view.results]
+        decision = steering.decide_on_arrival(view, model, features, self.settings, n, fitted_rows, pending,
+                                              self.slots - len(pending))
+        if persist:
+            with self.store.transaction() as db:
+                self.store.add_iteration(db, n, decision.stats.to_json())
+                if len(decision.picks):
+                    self.store.add_picks(db, n, decision.picks.tolist(), decision.pick_ei,
+                                         decision.mu[decision.picks], decision.sigma[decision.picks])
+            s = decision.stats
+            log.info("arrival %d: %d pending, stated risk %.3g, %d sent%s", n, s.n_pending, s.risk,
+                     len(decision.picks), f", stop: {decision.stop}" if decision.stop else "")
+        return decision
+
+    def replay_decisions(self) -> dict[int, list[int]]:
+        """Every recorded decision made again from the arrival log: {decision: picks} (for checks)."""
+        from graceq import app as app_module
+
+        if self.dispatcher is None:  # the fits are on disk: nothing is sent
+            app_module.configure(embedded_dir=self.paths.broker)
+            self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names)
+        features = np.load(self.paths.features)
+        return {it["iteration"]: self.decide_on_arrival(it["iteration"], features, persist=False).picks.tolist()
+                for it in self.store.iterations()}
+
+    def _async_loop(self, write_summary) -> dict:
+        """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival."""
+        features = self.ensure_features()
+        c = self.settings.campaign
+        if self.store.last_pick_iteration() is None:
+            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
+            with self.store.transaction() as db:
+                self.store.add_picks(db, 0, first.tolist())
+        n0 = self._n_initial()
+        self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
+        decided = {it["iteration"]: it for it in self.store.iterations()}
+        stopped = any(it.get("stop") for it in decided.values())
+        n = len(self.store.arrivals())
+        if n >= n0 and n >= self._fit_arrivals(self.fit_schedule(n) + 1):  # a refit that fell due before a kill
+            self._launch_fit(self.fit_schedule(n) + 1, features)
+        for m in range(n0, n + 1):  # a coordinator killed between a result and its decision
+            if not stopped and m not in decided:
+                stopped = self._react(m, features) is not None
+        try:
+            while self.dispatcher.in_flight:
+                landed = self.dispatcher.arrivals()
+                if not landed:
+                    self.dispatcher.idle()
+                for idx, record in landed:  # result -> store; slots free -> pick -> send
+                    if not self.on_result(idx, record):
+                        continue
+                    n += 1
+                    if n >= n0 and not stopped:
+                        stopped = self._react(n, features) is not None
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+        return write_summary(self.paths.root)
+
+    def _react(self, n: int, features: np.ndarray) -> str | None:
+        """Decide after arrival n, send the picks, launch the refit that falls due; returns the stop."""
+        if n == self._fit_arrivals(self.fit_schedule(n) + 1):  # refit due: trained now, used later
+            self._launch_fit(self.fit_schedule(n) + 1, features)
+        decision = self.decide_on_arrival(n, features)
+        self.send_picks(decision.picks.tolist())
+        if decision.stop:  # the running jobs are waited for, and their results recorded
+            self._say(f"arrival {n}: stop: {decision.stop}; waiting for {len(self.dispatcher.in_flight)} running jobs")
+        return decision.stop

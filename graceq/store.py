@@ -261,3 +261,33 @@ class CampaignStore:
 
 def _opt(value):
     return None if value is None else float(value)
+
+
+# -- arrival order (issue 9: asynchronous steering) -------------------------------------------------
+ARRIVALS = """
+CREATE TABLE IF NOT EXISTS arrivals (
+    seq INTEGER PRIMARY KEY,           -- 1, 2, 3 ...: the order in which results were recorded
+    idx INTEGER UNIQUE NOT NULL REFERENCES structures(idx)
+);
+"""
+
+
+def _arrivals_table(db: sqlite3.Connection) -> None:
+    db.execute(ARRIVALS)
+
+
+def add_arrival(store: "CampaignStore", idx: int) -> int:
+    """Append structure idx to the arrival log (once); returns its place in the order (1-based)."""
+    _arrivals_table(store._db)
+    store._db.execute("INSERT OR IGNORE INTO arrivals(idx) VALUES (?)", (int(idx),))
+    return store._db.execute("SELECT seq FROM arrivals WHERE idx = ?", (int(idx),)).fetchone()[0]
+
+
+def arrivals(store: "CampaignStore") -> list[int]:
+    """Pool indices of the recorded results, in the order they arrived (what async decisions replay)."""
+    _arrivals_table(store._db)
+    return [r[0] for r in store._db.execute("SELECT idx FROM arrivals ORDER BY seq").fetchall()]
+
+
+CampaignStore.add_arrival = add_arrival
+CampaignStore.arrivals = arrivals

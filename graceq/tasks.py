@@ -6,7 +6,10 @@ is acknowledged. Running a task twice gives the same file, so a re-delivered or 
 does no harm; the coordinator collects outputs from the files, never from the result backend.
 
 A task that cannot do its work writes ``<output>.error.json`` with the reason, so that the
-coordinator stops with that message instead of waiting.
+coordinator stops with that message instead of waiting. Every task holds a lease on its output
+while it works (``graceq.dispatcher.Lease``), so that the dispatcher can tell a lost task from a
+long one. Transport and job protocol (sending, re-sending, leases' rules) live in
+``graceq.dispatcher``; the tasks only do the work and write its file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 import traceback
 from functools import lru_cache
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from graceq.app import app
+from graceq.dispatcher import SUBMITTED, Lease, LeaseLost, count_delivery, lease_file
 from graceq.store import CampaignPaths, atomic_save_npy, atomic_save_npz, atomic_write_json, error_file
 
 
@@ -39,9 +42,19 @@ def settings_of(campaign_dir: str):
     return _settings(str(campaign_dir), path.stat().st_mtime)
 
 
-def _guarded(output: Path, work) -> dict:
-    """Run work(); on an exception write the error file the coordinator watches, then re-raise."""
+def _guarded(campaign_dir: str, output: Path, work) -> str:
+    """Run work() under the output's lease; on an exception write the error file the coordinator
+    watches, then re-raise. A duplicate delivery of a task that a live worker runs returns at once.
+
+    The lease lets the dispatcher see a task whose worker died (its beat stops) and send it again,
+    instead of waiting for the broker's visibility timeout (12 h by default).
+    """
+    lease = Lease(lease_file(output), settings_of(campaign_dir).runtime.lease_timeout)
+    if not lease.acquire():
+        return str(output)
     try:
+        if output.exists():
+            return str(output)
         return work()
     except Exception as exc:
         atomic_write_json(
@@ -50,6 +63,8 @@ def _guarded(output: Path, work) -> dict:
              "host": socket.gethostname()},
         )
         raise
+    finally:
+        lease.release()
 
 
 # -- featurize queue --------------------------------------------------------------------------
@@ -82,7 +97,7 @@ def fit_projection(campaign_dir: str, sample: list[int], species: list[int]) -> 
         os.replace(tmp, paths.projection)
         return str(paths.projection)
 
-    return _guarded(paths.projection, work)
+    return _guarded(campaign_dir, paths.projection, work)
 
 
 @app.task(name="graceq.featurize")
@@ -102,7 +117,7 @@ def featurize(campaign_dir: str, chunk: int, start: int, stop: int) -> str:
         atomic_save_npy(output, soap.transform(frames))
         return str(output)
 
-    return _guarded(output, work)
+    return _guarded(campaign_dir, output, work)
 
 
 # -- fit queue --------------------------------------------------------------------------------
@@ -129,7 +144,7 @@ def select_lambda(campaign_dir: str, iteration: int) -> str:
         atomic_write_json(output, {"ridge_lambda": float(ridge_lambda), "cv_rmse": [float(v) for v in cv_rmse]})
         return str(output)
 
-    return _guarded(output, work)
+    return _guarded(campaign_dir, output, work)
 
 
 @app.task(name="graceq.fit_members")
@@ -148,94 +163,19 @@ def fit_committee(campaign_dir: str, iteration: int, start: int, stop: int, ridg
         atomic_save_npz(output, coef=coef, intercept=intercept)
         return str(output)
 
-    return _guarded(output, work)
+    return _guarded(campaign_dir, output, work)
 
 
 # -- dft queue --------------------------------------------------------------------------------
-class Lease:
-    """A job's claim by one worker: a file whose mtime a thread refreshes while the worker lives.
-
-    A fresh lease held by someone else means the job runs elsewhere (a duplicate delivery must not
-    run it again); a stale one means its worker died, and the job may be taken over, resuming from
-    the engine's checkpoint.
-    """
-
-    def __init__(self, path: Path, timeout_s: float):
-        self.path = path
-        self.timeout_s = timeout_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def is_fresh(self) -> bool:
-        """Held by a live worker: beaten within the timeout, and not by a dead process of this host."""
-        try:
-            if time.time() - self.path.stat().st_mtime >= self.timeout_s:
-                return False
-            holder = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return False
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder["pid"]), 0)
-            except ProcessLookupError:  # its worker process was killed: Celery re-delivers at once
-                return False
-            except (PermissionError, KeyError, ValueError):
-                pass
-        return True
-
-    def acquire(self) -> bool:
-        """Claim the job; False when a live worker already holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        claim = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}")
-        atomic_write_json(claim, {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-        try:
-            os.link(claim, self.path)  # atomic, and fails if someone holds the lease
-        except FileExistsError:
-            if self.is_fresh():
-                claim.unlink(missing_ok=True)
-                return False
-            os.replace(claim, self.path)  # take over a dead worker's job
-        else:
-            claim.unlink(missing_ok=True)
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(max(0.5, self.timeout_s / 6)):
-            self.beat()
-
-    def beat(self) -> None:
-        """Refresh now (engines call this between optimiser steps)."""
-        try:
-            os.utime(self.path)
-        except FileNotFoundError:
-            pass
-
-    def release(self) -> None:
-        self._stop.set()
-        self.path.unlink(missing_ok=True)
-
-
-def _count_delivery(job_dir: Path) -> int:
-    """One more delivery of a job that this worker now holds the lease of; returns the count."""
-    counter = job_dir / "deliveries"
-    try:
-        count = int(counter.read_text()) + 1
-    except (FileNotFoundError, ValueError):
-        count = 1
-    atomic_write_json(counter, count)
-    return count
-
-
-def reference_task_id(campaign_id: str, iteration: int, idx: int) -> str:
-    """Deterministic task id (campaign, iteration, kind, structure): the same id for every retry."""
-    return f"graceq-{campaign_id}-it{iteration:04d}-dft-{idx:06d}"
-
-
 @app.task(name="graceq.run_reference", bind=True)
 def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
-    """Re-minimise pool structure idx with the campaign's engine; writes results/<idx>.json once."""
+    """Re-minimise pool structure idx with the campaign's engine; writes results/<idx>.json once.
+
+    The engine's ``submit`` either runs the job here (the default) or hands it to a scheduler and
+    returns; ``poll`` then gives the result, or None while the scheduler holds the job (the task
+    leaves a ``submitted.json`` and the dispatcher polls the engine from then on). Only the lease's
+    holder writes: a worker that was paused past the lease finds the task taken over and stops.
+    """
     from graceq.engines import ReferenceResult, make_engine
     from graceq.io import read_frames_db
 
@@ -244,35 +184,37 @@ def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
     if output.exists():
         return {"idx": idx, "duplicate": "result exists"}
     settings = settings_of(campaign_dir)
-    lease = Lease(paths.job_dir(idx) / "lease.json", settings.runtime.lease_timeout)
+    job_dir = paths.job_dir(idx)
+    lease = Lease(job_dir / "lease.json", settings.runtime.lease_timeout)
     if not lease.acquire():
         return {"idx": idx, "duplicate": "running elsewhere"}
     try:
         if output.exists():  # finished between our first look and the lease
             return {"idx": idx, "duplicate": "result exists"}
-        deliveries = _count_delivery(paths.job_dir(idx))
+        deliveries = count_delivery(job_dir)
         if deliveries > settings.runtime.max_attempts:
             # Celery re-delivers a job whose worker process died, at once and for ever: a structure
             # that kills its worker (out of memory, a crashing code) is failed, not retried again
-            lost = ReferenceResult(name, "failed", None, None,
-                                   message=f"its worker process died {deliveries - 1} times")
-            atomic_write_json(output, dict(lost.to_json(), idx=idx, host=socket.gethostname(), task_id=self.request.id))
-            return {"idx": idx, "status": "failed"}
-        meta = json.loads(paths.pool_meta.read_text())
-        atoms = read_frames_db(paths.structures, [idx])[0]
-        try:
-            engine = make_engine(settings.engine.model_dump(), settings.campaign.unit, meta.get("source"))
-            if callable(getattr(engine, "submit", None)):
-                # a batch-scheduler engine (slurm): submit (idempotent) and return; the coordinator
-                # polls the job, which survives this worker and the coordinator
-                return {"idx": idx, "submitted": engine.submit(atoms, name, paths.job_dir(idx))}
-            result = engine.run(atoms, name, paths.job_dir(idx), heartbeat=lease.beat)
-        except Exception as exc:  # the engine itself broke: a failed reference, with the reason
-            result = ReferenceResult(name=name, status="failed", energy=None, atoms=None,
-                                     message=f"{type(exc).__name__}: {exc}")
+            result = ReferenceResult.failed(name, f"its worker process died {deliveries - 1} times")
+        else:
+            meta = json.loads(paths.pool_meta.read_text())
+            atoms = read_frames_db(paths.structures, [idx])[0]
+            try:
+                engine = make_engine(settings.engine.model_dump(), settings.campaign.unit, meta.get("source"))
+                engine.submit(atoms, name, job_dir, heartbeat=lease.beat)
+                result = engine.poll([job_dir])[job_dir]
+            except LeaseLost:
+                return {"idx": idx, "duplicate": "taken over by another worker"}
+            except Exception as exc:  # the engine itself broke: a failed reference, with the reason
+                result = ReferenceResult.failed(name, f"{type(exc).__name__}: {exc}")
+            if result is None:  # the engine's scheduler holds the job now
+                lease.write_if_held(job_dir / SUBMITTED, {"host": socket.gethostname(), "at": time.time(),
+                                                          "task_id": self.request.id})
+                return {"idx": idx, "submitted": True}
         record = result.to_json()
-        record.update(idx=idx, host=socket.gethostname(), task_id=self.request.id)
-        atomic_write_json(output, record)
+        record.update(idx=idx, host=socket.gethostname(), pid=os.getpid(), task_id=self.request.id)
+        if not lease.write_if_held(output, record):
+            return {"idx": idx, "duplicate": "taken over by another worker"}
         return {"idx": idx, "status": result.status}
     finally:
         lease.release()

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from graceq.coordinator import job_is_lost
-from graceq.tasks import Lease
+from graceq.dispatcher import Lease, job_is_lost
 
 T = 1_000_000.0  # s since the epoch, any fixed moment
 

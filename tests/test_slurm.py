@@ -133,14 +133,14 @@ def test_submit_poll_relax_matches_a_direct_relaxation(slurm, sbatch_log, tmp_pa
                                 capture_output=True, text=True).stdout.split()
         assert sorted(states) == sorted(ids), "the submitted jobs are not in squeue"
         results = _wait(lambda: (lambda r: r if all(v is not None for v in r.values()) else None)(
-            engine.poll_many(workdirs)), 180, "the SLURM jobs' results")
+            engine.poll(workdirs)), 180, "the SLURM jobs' results")
     finally:
         _cancel_jobs_under(tmp_path)
 
     # the same relaxation, run directly with the ase engine in this process
     direct = make_engine({k: v for k, v in settings.items() if k != "slurm"} | {"engine": "ase"}, "kJ/mol")
     for atoms, w, job_id in zip(frames, workdirs, ids):
-        got = results[w.resolve()]
+        got = results[w]
         record = json.loads((w / "result.json").read_text())
         assert record["slurm_job_id"] == job_id and record["host"] == slurm
         assert got.status == "converged", got.message
@@ -174,10 +174,10 @@ def test_a_job_that_ends_without_result_is_resubmitted_then_failed(slurm, sbatch
         _wait(lambda: subprocess.run(["squeue", "-h", "-t", "all", "-j", first, "-o", "%T"], capture_output=True,
                                      text=True).stdout.strip() == "FAILED", 60, "the job to fail")
         for _ in range(3):
-            assert blind.poll(workdir) is None
+            assert blind.poll([workdir])[workdir] is None
             time.sleep(0.6)
         assert len(_calls(log)) == 1
-        result = _wait(lambda: engine.poll(workdir), 120, "the doomed job to be given up")
+        result = _wait(lambda: engine.poll([workdir])[workdir], 120, "the doomed job to be given up")
     finally:
         _cancel_jobs_under(tmp_path)
     submissions = json.loads((workdir / "slurm.json").read_text())["submissions"]

@@ -302,10 +302,8 @@ class AseRelaxEngine(ReferenceEngine):
         except Exception as exc:  # the calculator (or optimiser) broke: a failed reference
             # steps whose energy and forces were evaluated (= checkpoint frames - 1)
             n_steps = max(n_frames[0] - 1, steps_done)
-            return ReferenceResult(
-                name, "failed", None, current.copy(), n_steps=n_steps,
-                message="; ".join(notes + [f"{type(exc).__name__}: {exc}"]),
-            )
+            return ReferenceResult.failed(name, "; ".join(notes + [f"{type(exc).__name__}: {exc}"]),
+                                          current.copy(), n_steps=n_steps)
         finally:
             if traj is not None:
                 traj.close()
@@ -326,13 +324,10 @@ class AseRelaxEngine(ReferenceEngine):
             result = ReferenceResult(name, "converged", from_ev(energy_ev, self.unit), relaxed,
                                      n_steps=n_steps, message="; ".join(notes))
         else:
-            result = ReferenceResult(
-                name, "failed", None, relaxed, n_steps=n_steps,
-                message="; ".join(notes + [
-                    f"not converged to fmax {self.fmax} eV/Å within max_steps {self.max_steps} "
-                    f"(last energy {energy_ev:.6f} eV)"
-                ]),
-            )
+            result = ReferenceResult.failed(name, "; ".join(notes + [
+                f"not converged to fmax {self.fmax} eV/Å within max_steps {self.max_steps} "
+                f"(last energy {energy_ev:.6f} eV)"
+            ]), relaxed, n_steps=n_steps)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.to_json()))
         os.replace(tmp, done)

@@ -4,10 +4,18 @@ Like an ASE calculator, an engine is one small interface with interchangeable im
 ``engine.run(atoms, name, workdir)`` re-minimises one structure at the reference level and returns
 a :class:`ReferenceResult`. Engines know nothing of Celery or of the campaign; they write only
 inside ``workdir`` (their checkpoint), so that a re-delivered task can resume there.
+
+How a job runs is part of the interface too, as ASE's profiles have ``execute`` and
+``execute_nonblocking``: ``submit(atoms, name, workdir)`` starts the work and ``poll(workdirs)``
+gives the results of the jobs that have ended. The default ``submit`` runs :meth:`run` at once
+(blocking) and keeps its result in ``workdir/result.json``; an engine that hands jobs to a batch
+scheduler (``slurm``) overrides both and returns from ``submit`` in a second. The runtime calls
+``submit`` then ``poll`` for every engine and never asks which kind it has.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +27,9 @@ from ase import Atoms
 
 #: The three outcomes of a re-minimisation.
 STATUSES = ("converged", "unstable", "failed")
+
+#: the file in a job's working directory that holds its ReferenceResult once the job has ended
+JOB_RESULT = "result.json"
 
 
 def atoms_to_json(atoms: Atoms) -> dict:
@@ -68,6 +79,11 @@ class ReferenceResult:
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    @classmethod
+    def failed(cls, name: str, message: str, atoms: Atoms | None = None, n_steps: int = 0) -> "ReferenceResult":
+        """A failed re-minimisation of structure ``name``; ``message`` says why (and what to read)."""
+        return cls(name=str(name), status="failed", energy=None, atoms=atoms, n_steps=n_steps, message=message)
 
     def to_json(self) -> dict:
         """Return a JSON-safe dict (no numpy types, atoms as plain lists)."""
@@ -124,6 +140,42 @@ class ReferenceEngine(ABC):
         given, is called regularly during long work (the runtime keeps a lease with it); an
         exception it raises stops the work and propagates.
         """
+
+    def submit(self, atoms: Atoms, name: str, workdir: Path,
+               heartbeat: Callable[[], None] | None = None) -> None:
+        """Start the re-minimisation of ``atoms`` in ``workdir``; :meth:`poll` gives its result.
+
+        The default runs :meth:`run` here and now (ASE's ``execute``) and writes the result to
+        ``workdir/result.json`` by atomic rename. Idempotent, as every ``submit`` must be: a job
+        whose result is there already is not run again. A non-blocking engine (ASE's
+        ``execute_nonblocking``) overrides this to hand the job to its scheduler and return at once,
+        and must not start a second job for a workdir it has submitted before.
+        """
+        from graceq.store import atomic_write_json
+
+        workdir = Path(workdir)
+        if (workdir / JOB_RESULT).exists():
+            return
+        result = self.run(atoms, name, workdir, heartbeat=heartbeat)
+        if heartbeat is not None:  # still ours: a holder that lost its lease writes nothing
+            heartbeat()
+        atomic_write_json(workdir / JOB_RESULT, result.to_json())
+
+    def poll(self, workdirs) -> dict[Path, ReferenceResult | None]:
+        """The result of each submitted job that has ended, None for one still running.
+
+        Keys are the given workdirs as ``Path``. The default reads ``workdir/result.json``; a
+        scheduler engine also watches its jobs there and re-submits or fails one that vanished.
+        """
+        return {Path(w): read_job_result(Path(w)) for w in workdirs}
+
+
+def read_job_result(workdir: Path) -> ReferenceResult | None:
+    """The ReferenceResult kept in ``workdir/result.json``, None when the job has not ended."""
+    try:
+        return ReferenceResult.from_json(json.loads((Path(workdir) / JOB_RESULT).read_text()))
+    except FileNotFoundError:
+        return None
 
 
 def check_settings(settings: dict[str, Any], known: set[str], engine: str) -> None:

@@ -193,8 +193,7 @@ class ReplayEngine(ReferenceEngine):
         table = self._table()
         name = str(name)
         if name not in table.energy:
-            return ReferenceResult(name, "failed", None, None,
-                                   message=f"{self.source}: no entry named {name!r} in the replay source")
+            return ReferenceResult.failed(name, f"{self.source}: no entry named {name!r} in the replay source")
         status = table.status[name]
         relaxed = None
         if table.frames is not None:
@@ -203,12 +202,10 @@ class ReplayEngine(ReferenceEngine):
             return ReferenceResult(name, status, None, relaxed,
                                    message=f"{self.source}: recorded as {status}")
         if status not in SUCCESS_STATUSES:
-            return ReferenceResult(name, "failed", None, relaxed,
-                                   message=f"{self.source}: unknown status {status!r} for {name!r}")
+            return ReferenceResult.failed(name, f"{self.source}: unknown status {status!r} for {name!r}", relaxed)
         energy = table.energy[name]
         if not math.isfinite(energy):
-            return ReferenceResult(name, "failed", None, relaxed,
-                                   message=f"{self.source}: no {self.key} for {name!r}")
+            return ReferenceResult.failed(name, f"{self.source}: no {self.key} for {name!r}", relaxed)
         if self.source_unit != self.unit:
             energy = from_ev(to_ev(energy, self.source_unit), self.unit)
         return ReferenceResult(name, "converged", float(energy), relaxed, n_steps=0,

@@ -41,12 +41,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from graceq.engines.base import ReferenceResult
-
-try:  # the common interface, when the engines package provides it as a class
-    from graceq.engines.base import ReferenceEngine as _EngineBase
-except ImportError:  # pragma: no cover
-    _EngineBase = object
+from graceq.engines.base import ReferenceEngine, ReferenceResult, read_job_result
 
 log = logging.getLogger("graceq.engines.slurm")
 
@@ -122,7 +117,7 @@ def ase_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return inner
 
 
-class SlurmEngine(_EngineBase):
+class SlurmEngine(ReferenceEngine):
     """Reference engine that runs each relaxation as a SLURM batch job.
 
     Parameters
@@ -245,7 +240,7 @@ class SlurmEngine(_EngineBase):
         _atomic_write_text(workdir / "slurm.json", json.dumps(record, indent=1))
         return job_id
 
-    def submit(self, atoms, name: str, workdir: str | Path) -> str:
+    def submit(self, atoms, name: str, workdir: str | Path, heartbeat: Callable[[], None] | None = None) -> str:
         """Write the job directory and sbatch it; returns the SLURM job id.
 
         Idempotent: when ``slurm.json`` already records a job, its id is returned and nothing is
@@ -296,18 +291,19 @@ class SlurmEngine(_EngineBase):
             self._snapshot, self._snapshot_at, self._asked = snapshot, now, wanted
         return {j: self._snapshot[j] for j in job_ids if j in self._snapshot}
 
-    def poll(self, workdir: str | Path, resubmit: bool = True) -> ReferenceResult | None:
-        """The job's result once it has ended, None while SLURM still runs (or queues) it.
+    def poll(self, workdirs, resubmit: bool = True) -> dict[Path, ReferenceResult | None]:
+        """Each job's result once it has ended, None while SLURM still runs (or queues) it.
 
-        A job that ended without writing ``result.json`` (node failure, wall time, cancelled) is
-        submitted again, up to ``max_submissions`` sbatch calls in all; after that a failed result
-        names the job ids, their last state and the output file to read.
+        One squeue call for all the given job directories (keys: the given paths). A job that
+        ended without writing ``result.json`` (node failure, wall time, cancelled) is submitted
+        again, up to ``max_submissions`` sbatch calls in all; after that a failed result names the
+        job ids, their last state and the output file to read.
         """
-        return self.poll_many([workdir], resubmit=resubmit)[Path(workdir).resolve()]
+        given = [Path(w) for w in workdirs]
+        answers = self._poll_resolved([w.resolve() for w in given], resubmit)
+        return {w: answers[w.resolve()] for w in given}
 
-    def poll_many(self, workdirs, resubmit: bool = True) -> dict[Path, ReferenceResult | None]:
-        """``poll`` for many job directories with one squeue call (what the coordinator uses)."""
-        workdirs = [Path(w).resolve() for w in workdirs]
+    def _poll_resolved(self, workdirs: list[Path], resubmit: bool) -> dict[Path, ReferenceResult | None]:
         answers: dict[Path, ReferenceResult | None] = {}
         records: dict[Path, dict] = {}
         for w in workdirs:
@@ -352,17 +348,14 @@ class SlurmEngine(_EngineBase):
                         self._sbatch(w, record)
                 continue
             ids = ", ".join(s["job_id"] for s in record.get("submissions", []))
-            answers[w] = ReferenceResult(
-                name=record.get("name", w.name), status="failed", energy=None, atoms=None, n_steps=0,
-                message=(f"SLURM job(s) {ids} ended without a result (last: {how}); "
-                         f"see {w / ('slurm-' + job_id + '.out')}{_tail(w / ('slurm-' + job_id + '.out'))}"),
+            answers[w] = ReferenceResult.failed(
+                record.get("name", w.name),
+                f"SLURM job(s) {ids} ended without a result (last: {how}); "
+                f"see {w / ('slurm-' + job_id + '.out')}{_tail(w / ('slurm-' + job_id + '.out'))}",
             )
         return answers
 
-    @staticmethod
-    def _result_file(workdir: Path) -> ReferenceResult | None:
-        record = _read_json(workdir / "result.json")
-        return None if record is None else ReferenceResult.from_json(record)
+    _result_file = staticmethod(read_job_result)
 
     # -- the ReferenceEngine interface ---------------------------------------------------------------
     def run(self, atoms, name: str, workdir: str | Path, heartbeat: Callable[[], None] | None = None
@@ -374,7 +367,7 @@ class SlurmEngine(_EngineBase):
         """
         self.submit(atoms, name, workdir)
         while True:
-            result = self.poll(workdir)
+            result = self.poll([workdir])[Path(workdir)]
             if result is not None:
                 return result
             if heartbeat is not None:
@@ -417,8 +410,7 @@ def relax_job(workdir: str | Path, heartbeat: Callable[[], None] | None = None) 
         engine = make_engine(job["engine"], job["unit"], None)
         result = engine.run(atoms, name, workdir / "relax", heartbeat=heartbeat)
     except Exception as exc:
-        result = ReferenceResult(name=name, status="failed", energy=None, atoms=None, n_steps=0,
-                                 message=f"{type(exc).__name__}: {exc}")
+        result = ReferenceResult.failed(name, f"{type(exc).__name__}: {exc}")
     record = result.to_json()
     record.update(host=socket.gethostname(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
     _atomic_write_text(output, json.dumps(record, indent=1))

@@ -1,0 +1,117 @@
+"""Asynchronous steering, with no I/O: which structures to send when slots free up.
+
+In asynchronous mode (``[campaign] mode = "async"``, ``slots = N``) the coordinator keeps N
+reference jobs in flight and decides each time a result arrives. The committee it has was fitted
+some arrivals ago (a full refit, lambda and calibration included, runs through the ``fit`` queue
+every ``refit_every`` arrivals). Between refits the committee is brought up to date here:
+
+- the results that arrived since its fit join every member's training rows at their measured
+  labels;
+- the jobs still running join them at their predicted means (Kriging-Believer over what is
+  pending: they are believed, so that the next picks do not pile up around them);
+
+then :func:`graceq.campaign.decide` (the same stop check and the same Kriging-Believer as the
+synchronous rounds) picks as many new structures as there are free slots. Same lambda, same
+member subsets, same calibration as the fitted committee: only rows are added, as the
+Kriging-Believer recipe of DESIGN.md section 5 does for its believed points. Every decision is a
+function of the fitted committee, the stored results and the picks in flight, so a coordinator
+that replays the stored arrival order makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graceq import campaign as cp
+from graceq.model import CommitteeRidge, fit_members
+
+
+def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -> CommitteeRidge:
+    """The committee with rows added to every member's training set (same lambda, subsets, calibration).
+
+    ``y_extra`` is in the model's target unit (delta per atom). Equal to refitting each member
+    ``Ridge(lambda).fit(vstack(X_train[subset], X_extra), concat(y_train[subset], y_extra))``.
+    """
+    X_extra = np.asarray(X_extra, dtype=np.float64).reshape(-1, model.n_features_in_)
+    y_extra = np.asarray(y_extra, dtype=np.float64).ravel()
+    if len(X_extra) == 0:
+        return model
+    n_train = len(model.y_train_)
+    X = np.vstack([model.X_train_, X_extra])
+    y = np.concatenate([model.y_train_, y_extra])
+    extra = np.arange(n_train, n_train + len(X_extra))
+    subsets = np.hstack([model.subsets_, np.broadcast_to(extra, (len(model.subsets_), len(extra)))])
+    coef, intercept = fit_members(X, y, model.alpha_, subsets)
+    params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
+    updated = CommitteeRidge.from_members(X, y, model.alpha_, subsets, coef, intercept,
+                                          cv_rmse=model.cv_rmse_, **params)
+    for attribute in ("calibration_", "calibration_alpha2_", "calibration_warning_", "test_rmse_"):
+        setattr(updated, attribute, getattr(model, attribute))
+    return updated
+
+
+def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray,
+                       fitted_rows, pending) -> CommitteeRidge:
+    """The committee brought up to date: results since its fit at their labels, then pending jobs
+    believed at the predicted means of that committee.
+
+    ``fitted_rows``: pool indices the committee saw when it was fitted (train and test rows);
+    ``pending``: pool indices sent and without a result, in the order they were picked.
+    """
+    seen = set(int(i) for i in fitted_rows)
+    new = np.array([i for i in view.stable_rows() if int(i) not in seen], dtype=int)
+    model = with_rows(model, features[new], view.delta_per_atom(new)) if len(new) else model
+    pending = np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
+    if len(pending):
+        model = with_rows(model, features[pending], model.predict(features[pending]))
+    return model
+
+
+def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, settings,
+                      decision: int, fitted_rows, pending, free_slots: int) -> cp.Decision:
+    """The stop check and up to ``free_slots`` new picks, with the pending jobs believed.
+
+    ``view.picks`` holds every pick so far, the pending ones included (they are never candidates
+    and count towards the budget). The stop is :func:`graceq.campaign.decide`'s, as in batch mode,
+    evaluated on what is measured: the pending jobs count as unmeasured, with the committee's honest
+    uncertainty (believing them would claim their energies as found). The picks come from the
+    committee that believes them. When that believing committee would already stop (the campaign
+    converges if the running jobs come back as predicted), nothing new is sent until they report.
+    """
+    pending = [int(i) for i in pending if int(i) not in view.results]
+    measured_model = believed_committee(view, model, features, fitted_rows, [])
+    n_batch = max(int(free_slots), 1)
+    c = settings.campaign.model_copy(update={"n_batch": n_batch})
+    narrowed = settings.model_copy(update={"campaign": c})
+    running = set(pending)
+    measured_view = cp.CampaignView(view.n_atoms, view.energy_ff, view.atoms_per_molecule,
+                                    [i for i in view.picks if i not in running], view.results, view.predictions)
+    check = cp.decide(measured_view, measured_model, features, narrowed, decision)
+    n_calls = len(view.picks)
+    budget = settings.campaign.budget or len(view.n_atoms)
+    stop = check.stop
+    if stop is None and n_calls >= budget:
+        stop = "budget"
+    picks, pick_ei = check.picks[:0], check.pick_ei[:0]
+    if stop is None and free_slots > 0:
+        if pending:
+            believing = believed_committee(view, model, features, fitted_rows, pending)
+            chosen = cp.decide(view, believing, features, narrowed, decision)
+            picks, pick_ei = chosen.picks, chosen.pick_ei
+        else:
+            picks, pick_ei = check.picks, check.pick_ei
+        picks, pick_ei = picks[:free_slots], pick_ei[:free_slots]
+    stats = _updated(check.stats, n_reference_calls=int(n_calls), n_pending=len(pending),
+                     n_next=int(len(picks)), stop=stop)
+    return cp.Decision(stats, check.mu, check.sigma, check.ei, picks, pick_ei, stop)
+
+
+def _updated(stats, **changes):
+    """The iteration statistics with some values changed (a dict, or a dataclass record whose
+    fields are kept: a change it has no field for is left out)."""
+    if isinstance(stats, dict):
+        return dict(stats, **changes)
+    from dataclasses import fields, replace
+
+    known = {f.name for f in fields(stats)}
+    return replace(stats, **{k: v for k, v in changes.items() if k in known})

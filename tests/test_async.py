@@ -1,0 +1,145 @@
+"""Asynchronous mode through real Celery workers: slots kept busy, decisions replayable from the
+stored arrival order, and kills (coordinator, worker) that lose and duplicate nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, settings_text
+
+# The coordinator in asynchronous mode. The [campaign] mode/slots/refit_every settings are read
+# defensively by the coordinator; they are put on the loaded settings here so that this test does
+# not depend on config.py declaring them.
+RUN_ASYNC = """
+import sys
+from graceq.coordinator import Coordinator
+
+campaign_dir, broker, slots, refit_every = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
+coordinator = Coordinator(campaign_dir, broker_url=broker, progress=False)
+campaign = coordinator.settings.campaign.model_copy(update={"mode": "async", "slots": slots, "refit_every": refit_every})
+coordinator.settings = coordinator.settings.model_copy(update={"campaign": campaign})
+coordinator.run()
+"""
+
+SLOTS, REFIT_EVERY = 4, 3
+
+
+def _async(target: Path, broker: str | None = None) -> list[str]:
+    return [sys.executable, "-c", RUN_ASYNC, str(target), broker or "", str(SLOTS), str(REFIT_EVERY)]
+
+
+def _init(tmp_path: Path, pool: Path, **extra) -> Path:
+    (tmp_path / "settings.toml").write_text(settings_text(pool, **extra))
+    target = tmp_path / "campaign"
+    run_cli("init", str(target), "--settings", str(tmp_path / "settings.toml"))
+    return target
+
+
+def _replayed(target: Path) -> tuple[dict, dict]:
+    """(stored picks per decision, the same decisions made again from the arrival log)."""
+    from graceq.coordinator import Coordinator
+
+    coordinator = Coordinator(target, progress=False)
+    campaign = coordinator.settings.campaign.model_copy(update={"mode": "async", "slots": SLOTS,
+                                                                "refit_every": REFIT_EVERY})
+    coordinator.settings = coordinator.settings.model_copy(update={"campaign": campaign})
+    stored: dict[int, list[int]] = {}
+    for idx, it in coordinator.store.picks():
+        if it:
+            stored.setdefault(it, []).append(idx)
+    replayed = {n: picks for n, picks in coordinator.replay_decisions().items() if picks}
+    return stored, replayed
+
+
+def _check_nothing_lost_or_twice(target: Path) -> None:
+    with sqlite3.connect(target / "state.sqlite") as db:
+        picks = [r[0] for r in db.execute("SELECT idx FROM picks")]
+        results = [r[0] for r in db.execute("SELECT idx FROM results")]
+        arrivals = [r[0] for r in db.execute("SELECT idx FROM arrivals ORDER BY seq")]
+    assert len(picks) == len(set(picks))
+    assert sorted(results) == sorted(picks), "a picked structure has no result"
+    assert sorted(arrivals) == sorted(results) and len(arrivals) == len(set(arrivals))
+    for idx in picks:  # one result record per job, written once
+        assert json.loads((target / "results" / f"{idx:06d}.json").read_text())["idx"] == idx
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _count(target: Path, sql: str) -> int:
+    if not (target / "state.sqlite").exists():
+        return 0
+    try:
+        with sqlite3.connect(target / "state.sqlite") as db:
+            return db.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:  # the arrivals table appears with the first result
+        return 0
+
+
+def test_async_campaign_keeps_slots_busy_and_its_decisions_replay_from_the_arrival_log(roy_small, tmp_path):
+    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 24},
+                   engine={"engine": "replay", "delay_s": 0.3})
+    subprocess.run(_async(target), check=True, timeout=900)
+    summary = json.loads((target / "summary.json").read_text())
+    assert summary["stop"] is not None
+    _check_nothing_lost_or_twice(target)
+    with sqlite3.connect(target / "state.sqlite") as db:
+        n_picks = db.execute("SELECT COUNT(*) FROM picks").fetchone()[0]
+        decisions = db.execute("SELECT iteration, stats FROM iterations ORDER BY iteration").fetchall()
+    assert n_picks == 24
+    # one decision per arrival from the end of the initial batch on, each with at most the free slots
+    assert [d for d, _ in decisions] == list(range(12, 12 + len(decisions)))
+    for _, stats in decisions:
+        stats = json.loads(stats)
+        assert stats["n_pending"] + stats["n_next"] <= SLOTS
+    stored, replayed = _replayed(target)
+    assert stored and replayed == stored
+
+
+@pytest.mark.parametrize("victim", ["coordinator", "worker"])
+def test_sigkill_in_async_mode_loses_nothing_sends_nothing_twice_and_replays_the_same_picks(
+        roy_small, workers, redis_url, tmp_path, victim):
+    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 26},
+                   engine={"engine": "replay", "delay_s": 1.5}, runtime={"lease_timeout": 4.0})
+    workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
+    dft = workers.start(queues="dft", concurrency=2, name="dft@%h")
+    log = open(tmp_path / "coordinator1.log", "wb")
+    first = subprocess.Popen(_async(target, redis_url), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # past the first decisions, with jobs in flight
+        _wait_for(lambda: _count(target, "SELECT COUNT(*) FROM iterations") >= 2, 600, "two async decisions")
+        assert _count(target, "SELECT COUNT(*) FROM picks") > _count(target, "SELECT COUNT(*) FROM results")
+        if victim == "coordinator":
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            second = subprocess.run(_async(target, redis_url), capture_output=True, text=True, timeout=900)
+            assert second.returncode == 0, second.stdout + second.stderr
+        else:
+            os.killpg(dft.pid, signal.SIGKILL)
+            dft.wait()
+            workers.start(queues="dft", concurrency=2, name="rescuer@%h")
+            assert first.wait(timeout=900) == 0, (tmp_path / "coordinator1.log").read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    _check_nothing_lost_or_twice(target)
+    assert _count(target, "SELECT COUNT(*) FROM picks") == 26
+    jobs_sent = _count(target, "SELECT SUM(attempts) FROM jobs")
+    assert jobs_sent <= 26 + (2 if victim == "worker" else 0), "jobs sent again beyond the lease rules"
+    stored, replayed = _replayed(target)
+    assert replayed == stored

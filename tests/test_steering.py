@@ -1,0 +1,101 @@
+"""Asynchronous steering (graceq.steering) against the literal recipe: scikit-learn refits of each
+member and the literal Kriging-Believer batch."""
+
+import numpy as np
+from sklearn.linear_model import Ridge
+
+from graceq import campaign as cp
+from graceq import steering
+from graceq.acquisition import kriging_believer
+from graceq.config import settings_from_dict
+from graceq.model import CommitteeRidge
+
+
+def _data(seed=0, n=120, p=30):
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 5))
+    X = np.abs(latent @ rng.normal(size=(5, p))) / 5 + 0.05 * rng.random((n, p))
+    y = X @ rng.normal(size=p) / np.sqrt(p) + 0.1 * np.sin(latent[:, 0])
+    return X, y
+
+
+def _committee(X, y, rows, test_rows):
+    model = CommitteeRidge(n_members=16, alphas=np.logspace(-6, 1, 8), random_state=5).fit(X[rows], y[rows])
+    return model.calibrate(X[test_rows], y[test_rows])
+
+
+def test_rows_added_to_every_member_equal_scikit_learn_refits():
+    X, y = _data()
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    extra = np.arange(60, 66)
+    updated = steering.with_rows(model, X[extra], y[extra])
+    for i, subset in enumerate(model.subsets_):
+        ridge = Ridge(alpha=model.alpha_).fit(np.vstack([X[:40][subset], X[extra]]),
+                                              np.concatenate([y[:40][subset], y[extra]]))
+        np.testing.assert_allclose(updated.coef_[i], ridge.coef_, rtol=1e-6, atol=1e-9)
+        assert abs(updated.intercept_[i] - ridge.intercept_) < 1e-8
+    assert updated.calibration_ == model.calibration_ and updated.alpha_ == model.alpha_
+    assert steering.with_rows(model, X[:0], y[:0]) is model
+
+
+def test_a_pending_job_believed_at_its_mean_continues_the_literal_kriging_believer_batch():
+    """KB picks p1, believes it at its predicted mean, picks p2: with p1 pending, the steering
+    committee must pick p2 as its next structure."""
+    X, y = _data(seed=1)
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    candidates = np.arange(50, len(X))
+    best = float(y[:50].min())
+    p1, p2 = kriging_believer(model, X, candidates, best, 0.2, 2, method="literal")
+    believed = steering.with_rows(model, X[[p1]], model.predict(X[[p1]]))
+    rest = candidates[candidates != p1]
+    assert kriging_believer(believed, X, rest, best, 0.2, 1, method="literal")[0] == p2
+
+
+def _view_and_settings(n=120, labelled=50):
+    X, y = _data(seed=2, n=n)
+    n_atoms = np.full(n, 4)
+    energy_ff = np.zeros(n)
+    results = {i: ("converged", float(y[i] * 4)) for i in range(labelled)}  # delta per atom = y
+    view = cp.CampaignView(n_atoms=n_atoms, energy_ff=energy_ff, atoms_per_molecule=4,
+                           picks=list(range(labelled)), results=results)
+    settings = settings_from_dict({"campaign": {"pool": "pool.extxyz", "window": 0.5, "n_batch": 3}})
+    return X, y, view, settings
+
+
+def test_with_nothing_pending_the_arrival_decision_is_the_batch_decision():
+    X, y, view, settings = _view_and_settings()
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    batch = cp.decide(view, model, X, settings, 7)
+    arrival = steering.decide_on_arrival(view, model, X, settings, 7, fitted_rows=range(50), pending=[],
+                                         free_slots=3)
+    np.testing.assert_array_equal(arrival.picks, batch.picks)
+    assert arrival.stop == batch.stop and dict(arrival.stats, n_pending=None) == dict(batch.stats, n_pending=None)
+
+
+def test_results_since_the_fit_and_pending_jobs_change_the_next_picks_deterministically():
+    X, y, view, settings = _view_and_settings(labelled=50)
+    model = _committee(X, y, np.arange(40), np.arange(40, 45))   # fitted before rows 45..49 arrived
+    first = steering.decide_on_arrival(view, model, X, settings, 1, range(45), pending=[], free_slots=2)
+    assert first.stop is None and len(first.picks) == 2
+    sent = cp.CampaignView(view.n_atoms, view.energy_ff, 4, view.picks + first.picks.tolist(), view.results)
+    again = steering.decide_on_arrival(sent, model, X, settings, 2, range(45), pending=first.picks, free_slots=2)
+    assert len(again.picks) == 2 and not set(again.picks) & set(first.picks)
+    replay = steering.decide_on_arrival(sent, model, X, settings, 2, range(45), pending=first.picks, free_slots=2)
+    np.testing.assert_array_equal(again.picks, replay.picks)
+    assert again.stats["n_reference_calls"] == 52 and again.stats["n_pending"] == 2
+    # the pending jobs are believed: a committee that ignores them picks otherwise
+    ignoring = steering.decide_on_arrival(sent, model, X, settings, 2, range(45), pending=[], free_slots=2)
+    assert list(again.picks) != list(ignoring.picks)
+    # the stop check counts the pending jobs as unmeasured: p_conv is that of before they were sent
+    assert again.stats["p_conv"] == first.stats["p_conv"]
+
+
+def test_the_budget_counts_pending_jobs_and_no_slot_means_no_pick():
+    X, y, view, settings = _view_and_settings(labelled=50)
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    capped = settings.model_copy(update={"campaign": settings.campaign.model_copy(update={"budget": 52})})
+    sent = cp.CampaignView(view.n_atoms, view.energy_ff, 4, view.picks + [60, 61], view.results)
+    decision = steering.decide_on_arrival(sent, model, X, capped, 3, range(50), pending=[60, 61], free_slots=4)
+    assert decision.stop == "budget" and len(decision.picks) == 0
+    idle = steering.decide_on_arrival(sent, model, X, settings, 3, range(50), pending=[60, 61], free_slots=0)
+    assert idle.stop is None and len(idle.picks) == 0
