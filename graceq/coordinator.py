@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from graceq import campaign as cp
 from graceq.config import ConfigError, Settings, load_settings, write_settings
-from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz, error_file
+from graceq.store import (CampaignPaths, CampaignStore, artifact_ok, atomic_save_npy, atomic_save_npz, error_file,
+                          foreign_artifacts, load_artifact)
 
 log = logging.getLogger("graceq.coordinator")
 
@@ -48,6 +49,13 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     paths = CampaignPaths(campaign_dir)
     if paths.state.exists() and CampaignStore(paths.root).n_structures() > 0:
         raise FileExistsError(f"{paths.root}: a campaign already exists here; `graceq run` resumes it")
+    foreign = foreign_artifacts(paths)
+    if foreign:  # another pool's features or models would be reused silently (and crash later)
+        raise FileExistsError(
+            f"{paths.root}: holds files of another campaign but no campaign state: {', '.join(foreign)}; "
+            "they would be reused for this pool. Create the campaign in a new or empty directory, "
+            "or remove them first"
+        )
     c = settings.campaign
     pool = read_pool(
         c.pool, c.unit, energy_key=c.energy_key, name_key=c.name_key, energies_csv=c.energies_csv,
@@ -212,10 +220,10 @@ class Coordinator:
         """Fit the radial projection and featurize the pool in chunks (once per campaign)."""
         from graceq import tasks
 
-        if not self.paths.features.exists():
+        if not artifact_ok(self.paths.features):  # a corrupt artifact is moved aside and recomputed
             d = self.settings.descriptor
             n = len(self.names)
-            if not self.paths.projection.exists():
+            if not artifact_ok(self.paths.projection):
                 rng = np.random.default_rng(self.settings.campaign.seed)
                 sample = np.sort(rng.choice(n, size=min(d.fit_sample, n), replace=False)).tolist()
                 self._send(tasks.fit_projection, [str(self.paths.root), sample, self.store.get_meta("species")],
@@ -224,13 +232,13 @@ class Coordinator:
             chunks = {k: (start, min(start + d.chunk_size, n)) for k, start in enumerate(range(0, n, d.chunk_size))}
             outputs = {k: self.paths.feature_chunk(k) for k in chunks}
             for k, (start, stop) in chunks.items():
-                if not outputs[k].exists():
+                if not artifact_ok(outputs[k]):
                     self._send(tasks.featurize, [str(self.paths.root), k, start, stop],
                                f"graceq-{self.campaign_id}-featurize-{k:05d}")
             self._wait_files(outputs, "featurizing the pool")
-            features = np.concatenate([np.load(outputs[k]) for k in sorted(chunks)])
+            features = np.concatenate([load_artifact(outputs[k]) for k in sorted(chunks)])
             atomic_save_npy(self.paths.features, features)
-        return np.load(self.paths.features)
+        return load_artifact(self.paths.features)
 
     def view(self) -> cp.CampaignView:
         return cp.CampaignView(
@@ -344,25 +352,25 @@ class Coordinator:
 
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
-        if not (folder / "train.npz").exists():
+        if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets")):
             atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
                             test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets)
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
         lam_path = folder / "lambda.json"
-        if not lam_path.exists():
+        if not artifact_ok(lam_path, ("alpha",)):
             self._send(tasks.select_lambda, [str(self.paths.root), iteration], f"{prefix}-lambda")
             self._wait_files({"lambda": lam_path}, f"iteration {iteration}: choosing lambda")
-        alpha = json.loads(lam_path.read_text())["alpha"]
+        alpha = load_artifact(lam_path, ("alpha",))["alpha"]
         m = self.settings.model.n_members
         step = self.settings.model.members_per_task
         spans = [(a, min(a + step, m)) for a in range(0, m, step)]
         outputs = {span: self.paths.members(iteration, *span) for span in spans}
         for (a, b), path in outputs.items():
-            if not path.exists():
+            if not artifact_ok(path, ("coef", "intercept")):
                 self._send(tasks.fit_committee, [str(self.paths.root), iteration, a, b, alpha],
                            f"{prefix}-members-{a:04d}-{b:04d}")
         self._wait_files(outputs, f"iteration {iteration}: fitting {m} members")
-        parts = [np.load(outputs[s]) for s in spans]
+        parts = [load_artifact(outputs[s], ("coef", "intercept")) for s in spans]
         model = CommitteeRidge.from_members(
             features[plan.train_rows], plan.y_train, alpha, plan.subsets,
             np.concatenate([p["coef"] for p in parts]), np.concatenate([p["intercept"] for p in parts]),
