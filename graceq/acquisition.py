@@ -50,8 +50,11 @@ _VARIANCE_MARGIN = 1e-6
 # Bytes of per-member matrices (bordered dual or primal inverses, 8 (1 + n_sub)^2 or 8 (p + 1)^2
 # bytes per member) kept between picks; members beyond it are factorised again at every pick, one
 # member per thread at a time. Bounds the coordinator's peak memory (256 members x 2,001^2 doubles
-# = 8 GB at 5,000 labelled structures otherwise) at the price of time per pick.
-_KEPT_BYTES = 256 * 2**20
+# = 8 GB at 5,000 labelled structures otherwise) at the price of time per pick; a machine with
+# memory to spare sets GRACEQ_KB_KEPT_MIB higher (benchmarks/README.md has the trade-off).
+_KEPT_BYTES = int(float(os.environ.get("GRACEQ_KB_KEPT_MIB", 512)) * 2**20)
+# Bytes of the temporary matrices of one batched inversion (per thread).
+_CHUNK_BYTES = 16 * 2**20
 
 
 def expected_improvement(mu, sigma, best: float, window: float) -> np.ndarray:
@@ -375,9 +378,11 @@ class _DualMembers:
         self.G = G if self.kept < m else None
         self.Minv0 = np.empty((self.kept, d0, d0))
 
+        step = max(1, min(32, _CHUNK_BYTES // (8 * d0 * d0)))
+
         def invert(first, last):
-            for lo in range(first, last, 32):
-                idx = subsets[lo:min(lo + 32, last)]
+            for lo in range(first, last, step):
+                idx = subsets[lo:min(lo + step, last)]
                 M = np.zeros((len(idx), d0, d0))
                 M[:, 0, 1:] = 1.0
                 M[:, 1:, 0] = 1.0

@@ -57,3 +57,19 @@ def test_an_infinite_window_is_rejected_with_the_field_named(tmp_path, roy_small
     result = run_cli("init", str(tmp_path / "c"), "--settings", str(toml), "--window", "inf", check=False)
     assert result.returncode != 0 and "finite" in result.stderr
     assert not (tmp_path / "c" / "state.sqlite").exists()
+
+
+def test_fault_injection_short_variant(tmp_path):
+    """benchmarks/faults.py on real processes: the coordinator SIGKILLed once the first iteration
+    is committed, the campaign copied without state.sqlite-wal (a backup that forgot it), and the
+    copy resumed: nothing lost, nothing run twice, the picks of an undisturbed campaign."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--json", "--short",
+                           "--scenarios", "copy_without_wal", "--timeout", "400", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["n_picks"] == 16
+    (row,) = out["scenarios"]
+    assert row["scenario"] == "copy_without_wal" and row["runs"] == 1
+    assert (row["lost"], row["duplicated"], row["same_picks"], row["stalled"]) == (0, 0, True, 0), row
+    assert isinstance(row["recover_s"], float)
