@@ -497,10 +497,8 @@ def truncated_result(bench: Bench) -> dict:
 
 def poison_job(bench: Bench) -> dict:
     victim_idx = next(idx for idx, it in bench.ref_picks if it == 1)
-    import ase.db
-
-    with ase.db.connect(bench.fresh / "structures.db") as db:
-        victim = db.get(id=victim_idx + 1).name
+    with sqlite3.connect(f"{(bench.fresh / 'state.sqlite').as_uri()}?mode=ro", uri=True) as db:
+        victim = db.execute("SELECT name FROM structures WHERE idx = ?", (victim_idx,)).fetchone()[0]
     results = {}
     for mode in ("fail", "kill"):
         template = bench.root / f"template-poison-{mode}"
@@ -586,6 +584,8 @@ def main(argv=None):
         t0 = time.time()
         rows.append(globals()[name](bench))
         log(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)")
+        with open(bench.root / "scenarios.jsonl", "a") as handle:  # kept if a later scenario breaks
+            handle.write(json.dumps(rows[-1]) + "\n")
     out = {"undisturbed_s": round(bench.ref_s, 1), "undisturbed_with_features_s": round(bench.ref_full.wall_s, 1),
            "n_picks": len(bench.ref_picks), "scenarios": rows, "workdir": str(bench.root)}
     print(json.dumps(out, indent=None if args.json else 2))

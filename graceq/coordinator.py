@@ -249,7 +249,7 @@ class Coordinator:
     def _ingest(self, idx: int, path: Path) -> None:
         from graceq.engines import ReferenceResult
 
-        record = json.loads(path.read_text())
+        record = load_artifact(path)  # a truncated file is moved aside: the job is sent again on resume
         result = ReferenceResult.from_json(record)
         energy = None if result.energy is None else float(result.energy)
         if self.store.add_result(idx, result.status, energy, result.n_steps, result.message):

@@ -181,3 +181,11 @@ def test_corrupt_artifacts_are_recomputed_not_a_crash_loop(tmp_path, roy_small):
             else:
                 np.testing.assert_array_equal(new, old)
     np.testing.assert_allclose(features, before[files[0]], rtol=1e-9, atol=1e-12)
+
+    # a truncated reference result: named and moved aside (the job is sent again on resume), not
+    # a JSONDecodeError on every restart
+    result = sorted((campaign / "results").glob("*.json"))[0]
+    _truncate(result)
+    with pytest.raises(ArtifactError, match=result.name):
+        coordinator._ingest(int(result.stem), result)
+    assert not result.exists() and result.with_name(result.name + ".corrupt").exists()
