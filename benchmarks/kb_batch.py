@@ -2,6 +2,7 @@
 
     python benchmarks/kb_batch.py [--json] [--p 2100 --n-labelled 1000 --n-pool 20000
                                    --n-members 256 --n-batch 100] [--skip-100k]
+    python benchmarks/kb_batch.py --memory [1000 2000 5000] [--n-batch 100] [--picks K]  # peak memory
 
 Random but realistic data: features like averaged SOAP power spectra (positive, strongly
 correlated through a few latent packing coordinates, unit-normalised), a per-atom delta target
@@ -70,6 +71,69 @@ def run_100k(args):
                       "n_picks_100k": len(picks)}))
 
 
+def _status_gib(field):
+    """A VmRSS/VmHWM figure of /proc/self/status in GiB (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2 ** 20
+    raise KeyError(field)
+
+
+def run_memory(args):
+    """Child process: peak resident memory of one fast batch at args.n_labelled; prints JSON.
+
+    The data and the fitted committee are made first; then the kernel's high-water mark (VmHWM) is
+    reset to the current resident size (/proc/self/clear_refs, Linux >= 4.0), so that the peak read
+    after the batch is the coordinator's peak during the batch: features + committee + the batch's
+    own arrays, not the committee fit's (which runs on the workers)."""
+    from graceq import acquisition
+
+    X_lab, y_lab, X_pool, e_ff, e_ref = make_campaign(args.p, args.n_labelled, args.n_pool, seed=2)
+    t0 = time.perf_counter()
+    model = fitted_model(X_lab, y_lab, args.n_members)
+    fit_s = time.perf_counter() - t0
+    n_sub = model.subsets_.shape[1]
+    per_member = 8 * (min(n_sub, args.p) + 1) ** 2
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_gib("VmRSS")
+    taken = []
+    if args.picks:  # stop the batch after this many picks: every set-up allocation is the full batch's
+        class _Enough(Exception):
+            pass
+
+        take = acquisition._Batch.take
+
+        def take_and_stop(batch, row, ei):
+            take(batch, row, ei)
+            taken.append(time.perf_counter())
+            if len(batch.picks) >= args.picks:
+                raise _Enough
+
+        acquisition._Batch.take = take_and_stop
+    t0 = time.perf_counter()
+    try:
+        picks = kriging_believer(model, X_pool, np.arange(len(X_pool)), e_ref.min(), WINDOW_KJMOL, args.n_batch,
+                                 offset=e_ff, scale=ATOMS_PER_MOLECULE, method="fast")
+    except Exception as exc:
+        if type(exc).__name__ != "_Enough":
+            raise
+        picks = taken
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({
+        "n_labelled": args.n_labelled, "n_train": len(model.X_train_), "n_sub": n_sub, "p": args.p,
+        "n_pool": args.n_pool, "n_members": args.n_members, "n_batch": args.n_batch,
+        "picks_made": len(picks),
+        "form": "dual" if n_sub < args.p + 1 else "primal",
+        "members_kept": int(min(args.n_members, acquisition._KEPT_BYTES // per_member))
+        if hasattr(acquisition, "_KEPT_BYTES") else args.n_members,
+        "rss_before_batch_gib": round(before, 3), "peak_rss_batch_gib": round(_status_gib("VmHWM"), 3),
+        "fast_s_per_pick": round(elapsed / len(picks), 3), "fit_s": round(fit_s, 1),
+        "s_per_pick_after_first": round((taken[-1] - taken[0]) / (len(taken) - 1), 2) if len(taken) > 1 else None,
+        "setup_s": round(taken[0] - t0, 2) if taken else None,
+    }))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -81,9 +145,29 @@ def main(argv=None):
     parser.add_argument("--literal-picks", type=int, default=3, help=">= 2")
     parser.add_argument("--skip-100k", action="store_true")
     parser.add_argument("--child-100k", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", type=int, nargs="*", metavar="N_LABELLED",
+                        help="only measure the coordinator's peak memory during one fast batch at these "
+                             "labelled counts (default 1000 2000 5000), each in its own process")
+    parser.add_argument("--picks", type=int, default=0,
+                        help="with --memory: stop each batch after this many picks (0: the whole batch)")
+    parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_100k:
         return run_100k(args)
+    if args.child_memory:
+        return run_memory(args)
+    if args.memory is not None:
+        rows = []
+        for n in args.memory or [1000, 2000, 5000]:
+            child = subprocess.run([sys.executable, __file__, "--child-memory", "--p", str(args.p), "--n-labelled",
+                                    str(n), "--n-pool", str(args.n_pool), "--n-members", str(args.n_members),
+                                    "--n-batch", str(args.n_batch), "--picks", str(args.picks)],
+                                   capture_output=True, text=True, check=True)
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            if not args.json:
+                print(json.dumps(rows[-1]), file=sys.stderr)
+        print(json.dumps({"memory": rows}, indent=None if args.json else 2))
+        return
 
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
     X_lab, y_lab, X_pool, e_ff, e_ref = make_campaign(args.p, args.n_labelled, args.n_pool)

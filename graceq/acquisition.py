@@ -28,6 +28,11 @@ Two implementations of the Kriging-Believer batch select the same structures:
   The dual is well conditioned while a member's rows are affinely independent (at most p + 1);
   beyond that (few features, p < n_sub + n_batch) the update continues in the primal with
   Sherman-Morrison on ``[1 X]^T [1 X] + diag(0, lambda, ...)``, for every pool row.
+  Memory: each member's matrix (``(1 + n_sub)^2`` doubles in the dual, ``(p + 1)^2`` in the
+  primal; 8 GB for 256 members at 5,000 labelled) is kept only within ``_KEPT_BYTES``
+  (``GRACEQ_KB_KEPT_MIB``, default 512 MiB); the other members are factorised again (Cholesky)
+  at every pick, one member per thread at a time: the same picks, in bounded memory, for more
+  time per pick.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ _BLOCK = 8192
 _REFRESH_FIRST = 64
 # Relative margin added to the summed kriging variances against round-off (keeps the bound safe).
 _VARIANCE_MARGIN = 1e-6
+# Bytes of per-member matrices (bordered dual or primal inverses, 8 (1 + n_sub)^2 or 8 (p + 1)^2
+# bytes per member) kept between picks; members beyond it are factorised again at every pick, one
+# member per thread at a time. Bounds the coordinator's peak memory (256 members x 2,001^2 doubles
+# = 8 GB at 5,000 labelled structures otherwise) at the price of time per pick; a machine with
+# memory to spare sets GRACEQ_KB_KEPT_MIB higher (benchmarks/README.md has the trade-off).
+_KEPT_BYTES = int(float(os.environ.get("GRACEQ_KB_KEPT_MIB", 512)) * 2**20)
+# Bytes of the temporary matrices of one batched inversion (per thread).
+_CHUNK_BYTES = 16 * 2**20
 
 
 def expected_improvement(mu, sigma, best: float, window: float) -> np.ndarray:
@@ -156,21 +169,67 @@ def _kb_literal(model, b):
     return b
 
 
-def _primal_inverse(rows_X, alpha):
-    """Return ``[1 X]^T [1 X] + diag(0, lambda, ...)`` inverted, per member: rows_X (m, R, p)."""
-    m, _, p = rows_X.shape
-    Xa = np.concatenate([np.ones(rows_X.shape[:2] + (1,)), rows_X], axis=2)
-    A = np.einsum("mnp,mnq->mpq", Xa, Xa)
-    A[:, 1:, 1:] += alpha * np.eye(p)
-    with threadpool_limits(1):
-        return np.linalg.inv(A)
+class _PrimalMembers:
+    """Solves with every member's primal matrix ``A_i = [1 X_i]^T [1 X_i] + diag(0, lambda, ...)``
+    (X_i: member i's shifted rows, then the believed rows, which every member shares).
+
+    The inverses of the first members are kept while they fit in ``_KEPT_BYTES`` and updated by
+    Sherman-Morrison as points are believed; the other members' ``A_i`` are formed and
+    Cholesky-factorised again at every solve (memory of one member per thread, more time).
+    """
+
+    def __init__(self, Xt, subsets, alpha, believed):
+        self.Xt, self.subsets, self.alpha = Xt, subsets, alpha
+        m, p = len(subsets), Xt.shape[1]
+        self.believed = [row for row in believed]
+        self.kept = int(min(m, _KEPT_BYTES // (8 * (p + 1) ** 2)))
+        self.Ainv = np.empty((self.kept, p + 1, p + 1))
+
+        def invert(first, last):
+            for i in range(first, last):
+                self.Ainv[i] = np.linalg.inv(self._matrix(i))
+
+        with threadpool_limits(1):
+            _in_slices(invert, self.kept)
+
+    def _matrix(self, i):
+        rows = self.Xt[self.subsets[i]]
+        if self.believed:
+            rows = np.concatenate([rows, np.asarray(self.believed)])
+        Xa = np.concatenate([np.ones((len(rows), 1)), rows], axis=1)
+        A = Xa.T @ Xa
+        A[1:, 1:] += self.alpha * np.eye(A.shape[0] - 1)
+        return A
+
+    def solve(self, xa):
+        """Return ``A_i^{-1} xa`` for every member i, shape (m, p + 1)."""
+        from scipy.linalg import cho_factor, cho_solve
+
+        m = len(self.subsets)
+        h = np.empty((m, len(xa)))
+        h[:self.kept] = self.Ainv @ xa
+
+        def streamed(first, last):
+            for i in range(first, last):
+                h[self.kept + i] = cho_solve(cho_factor(self._matrix(self.kept + i), check_finite=False), xa,
+                                             check_finite=False)
+
+        with threadpool_limits(1):
+            _in_slices(streamed, m - self.kept)
+        return h
+
+    def believe(self, xa, h, s):
+        """Add the believed row ``xa = [1, x - shift]`` to every member (h, s: from `solve`)."""
+        k = self.kept
+        self.Ainv -= h[:k, :, None] * (h[:k] / s[:k, None])[:, None, :]
+        self.believed.append(xa[1:].copy())
 
 
-def _primal_loop(b, F, Xq, Ainv, row=None):
+def _primal_loop(b, F, shift, members, row=None):
     """Finish the batch with primal Sherman-Morrison updates of every member and of every pool
     row (no pruning: used when the features are fewer than a member's rows, so p is small).
-    ``F``: current member predictions of all candidates; ``row``: a pick already taken whose
-    update is still due."""
+    ``F``: current member predictions of all candidates; ``members``: a `_PrimalMembers`;
+    ``row``: a pick already taken whose update is still due."""
     while True:
         if row is None:
             row, best_ei = _argmax_open(b.ei_of(slice(None), F), b.open)
@@ -179,11 +238,13 @@ def _primal_loop(b, F, Xq, Ainv, row=None):
             return b
         f_z = F[row].copy()
         dev = f_z.mean() - f_z                          # believed label minus each member
-        xa = np.concatenate([[1.0], Xq[row]])
-        h = Ainv @ xa                                   # (m, p+1)
+        xa = np.concatenate([[1.0], b.X[row] - shift])
+        h = members.solve(xa)                           # (m, p+1)
         s = 1.0 + h @ xa
-        F += (Xq @ h[:, 1:].T + h[:, 0]) * (dev / s)
-        Ainv -= h[:, :, None] * (h / s[:, None])[:, None, :]
+        step = h[:, 0] - shift @ h[:, 1:].T             # (x - shift) . h = x . h - shift . h
+        for lo in range(0, len(F), _BLOCK):             # no shifted copy of the pool
+            F[lo:lo + _BLOCK] += (b.X[lo:lo + _BLOCK] @ h[:, 1:].T + step) * (dev / s)
+        members.believe(xa, h, s)
         row = None
 
 
@@ -210,25 +271,11 @@ def _kb_fast(model, b):
     # independent (at most p + 1 of them), the primal one once they are at least p + 1: dual while
     # rows <= p + 1, then the primal for good.
     if n_sub >= p + 1:
-        return _primal_loop(b, F0, b.X - shift, _primal_inverse(Xt[subsets], alpha))
+        return _primal_loop(b, F0, shift, _PrimalMembers(Xt, subsets, alpha, []))
     n_cand = len(b.cand)
     n_dual = min(b.n_batch, p + 1 - n_sub)              # believed rows the dual can take
     d0 = 1 + n_sub
-    G = Xt @ Xt.T
-    Minv0 = np.empty((m, d0, d0))                       # bordered inverses before any belief
-
-    def invert(first, last):
-        for lo in range(first, last, 32):
-            idx = subsets[lo:min(lo + 32, last)]
-            M = np.zeros((len(idx), d0, d0))
-            M[:, 0, 1:] = 1.0
-            M[:, 1:, 0] = 1.0
-            M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
-            Minv0[lo:lo + len(idx)] = np.linalg.inv(M)
-
-    with threadpool_limits(1):                          # batched small LAPACK calls: threads only spin
-        _in_slices(invert, m)
-    del G
+    dual = _DualMembers(Xt @ Xt.T, subsets, alpha)      # bordered systems before any belief
     member_idx = np.arange(m)[:, None]
     in_member = np.zeros((m, n_train))
     in_member[member_idx, subsets] = 1.0 / n_sub
@@ -278,8 +325,8 @@ def _kb_fast(model, b):
                 F = np.empty((n_cand, m))
                 for lo in range(0, n_cand, _BLOCK):
                     F[lo:lo + _BLOCK] = b.X[lo:lo + _BLOCK] @ W.T + c0
-                rows_X = np.concatenate([Xt[subsets], np.broadcast_to(Zq[:j], (m, j, p))], axis=1)
-                return _primal_loop(b, F, b.X - shift, _primal_inverse(rows_X, alpha), row=row)
+                del dual, Ulr
+                return _primal_loop(b, F, shift, _PrimalMembers(Xt, subsets, alpha, Zq[:j]), row=row)
             dev = f_z.mean() - f_z                      # believed label minus each member
             zq = b.X[row] - shift
             d = d0 + j
@@ -289,10 +336,7 @@ def _kb_fast(model, b):
             c[:, d0:d] = Zq[:j] @ zq
             g = np.zeros((m, d))                        # M_i^{-1} c_i
 
-            def solve(lo, hi):
-                g[lo:hi, :d0] = np.matmul(Minv0[lo:hi], c[lo:hi, :d0, None])[:, :, 0]
-
-            _in_slices(solve, m)
+            dual.solve(c[:, :d0], g[:, :d0])
             if j:
                 V = Ulr[:, :d, :j]
                 g += np.matmul(V, (np.matmul(c[:, None, :], V)[:, 0, :] * sinv[:, :j])[:, :, None])[:, :, 0]
@@ -320,6 +364,62 @@ def _kb_fast(model, b):
 
             _in_slices(update_mean, n_cand)
     return b
+
+
+class _DualMembers:
+    """Solves with every member's bordered dual matrix ``M_i = [[0, 1^T], [1, K_i + lambda I]]``
+    (K_i: Gram matrix of member i's shifted rows, a block of ``G``) before any belief.
+
+    The inverses of the first members are kept while they fit in ``_KEPT_BYTES``; the others are
+    factorised again at every solve (Cholesky of ``K_i + lambda I``, then the border by its Schur
+    complement), one member per thread at a time, so that memory stays bounded.
+    """
+
+    def __init__(self, G, subsets, alpha):
+        m, n_sub = subsets.shape
+        d0 = n_sub + 1
+        self.subsets, self.alpha = subsets, alpha
+        self.kept = int(min(m, _KEPT_BYTES // (8 * d0 * d0)))
+        self.G = G if self.kept < m else None
+        self.Minv0 = np.empty((self.kept, d0, d0))
+
+        step = max(1, min(32, _CHUNK_BYTES // (8 * d0 * d0)))
+
+        def invert(first, last):
+            for lo in range(first, last, step):
+                idx = subsets[lo:min(lo + step, last)]
+                M = np.zeros((len(idx), d0, d0))
+                M[:, 0, 1:] = 1.0
+                M[:, 1:, 0] = 1.0
+                M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
+                self.Minv0[lo:lo + len(idx)] = np.linalg.inv(M)
+
+        with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
+            _in_slices(invert, self.kept)
+
+    def solve(self, c, out):
+        """``out[i] = M_i^{-1} c[i]`` for every member i (c, out: (m, 1 + n_sub))."""
+        from scipy.linalg import cho_factor, cho_solve
+
+        k = self.kept
+
+        def kept(lo, hi):
+            out[lo:hi] = np.matmul(self.Minv0[lo:hi], c[lo:hi, :, None])[:, :, 0]
+
+        def streamed(first, last):
+            for i in range(k + first, k + last):
+                idx = self.subsets[i]
+                K = self.G[np.ix_(idx, idx)]
+                K[np.diag_indices_from(K)] += self.alpha
+                uv = cho_solve(cho_factor(K, lower=True, check_finite=False),
+                               np.column_stack([np.ones(len(idx)), c[i, 1:]]), check_finite=False)
+                # [[0, 1^T], [1, K]] [x0; x] = [c0; c]: x = v - u x0, 1^T x = c0 (u = K^-1 1, v = K^-1 c)
+                x0 = (uv[:, 1].sum() - c[i, 0]) / uv[:, 0].sum()
+                out[i, 0] = x0
+                out[i, 1:] = uv[:, 1] - uv[:, 0] * x0
+
+        _in_slices(kept, k)
+        _in_slices(streamed, len(self.subsets) - k)
 
 
 class _GramRowCache:

@@ -6,6 +6,7 @@ molecule, as CSP papers quote it.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +76,8 @@ class CampaignSection(_Section):
     def _positive_window(cls, value: float) -> float:
         if not value > 0:
             raise ValueError(f"the energy window must be > 0, got {value}")
+        if not math.isfinite(value):  # EI's target, the stop rule and the plots' axes need a number
+            raise ValueError(f"the energy window must be a finite energy per molecule (e.g. 5.0), got {value}")
         return value
 
     @field_validator("unit")

@@ -34,7 +34,8 @@ from graceq import campaign as cp
 from graceq import steering
 from graceq.config import ConfigError, Settings, load_settings, write_settings
 from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
-from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz
+from graceq.store import (CampaignPaths, CampaignStore, artifact_ok, atomic_save_npy, atomic_save_npz,
+                          foreign_artifacts, load_artifact)
 
 __all__ = ["Coordinator", "EmbeddedWorkers", "TaskError", "init_campaign", "worker_command"]
 
@@ -55,6 +56,13 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     paths = CampaignPaths(campaign_dir)
     if paths.state.exists() and CampaignStore(paths.root).n_structures() > 0:
         raise FileExistsError(f"{paths.root}: a campaign already exists here; `graceq run` resumes it")
+    foreign = foreign_artifacts(paths)
+    if foreign:  # another pool's features or models would be reused silently (and crash later)
+        raise FileExistsError(
+            f"{paths.root}: holds files of another campaign but no campaign state: {', '.join(foreign)}; "
+            "they would be reused for this pool. Create the campaign in a new or empty directory, "
+            "or remove them first"
+        )
     c = settings.campaign
     pool = read_pool(
         c.pool, c.unit, energy_key=c.energy_key, name_key=c.name_key, energies_csv=c.energies_csv,
@@ -197,11 +205,11 @@ class Coordinator:
         """Fit the radial projection and featurize the pool in chunks (once per campaign)."""
         from graceq import tasks
 
-        if not self.paths.features.exists():
+        if not artifact_ok(self.paths.features):  # a corrupt artifact is moved aside and recomputed
             d = self.settings.descriptor
             n = len(self.names)
             root = str(self.paths.root)
-            if not self.paths.projection.exists():
+            if not artifact_ok(self.paths.projection):
                 rng = np.random.default_rng(self.settings.campaign.seed)
                 sample = np.sort(rng.choice(n, size=min(d.fit_sample, n), replace=False)).tolist()
                 self.dispatcher.run([TaskSpec(tasks.fit_projection, [root, sample, self.store.get_meta("species")],
@@ -212,9 +220,9 @@ class Coordinator:
                               self.paths.feature_chunk(k)) for k, a, b in chunks]
             with self._bar(len(specs), "featurizing the pool") as bar:
                 self.dispatcher.run(specs, "featurizing the pool", bar)
-            features = np.concatenate([np.load(spec.output) for spec in specs])
+            features = np.concatenate([load_artifact(spec.output) for spec in specs])
             atomic_save_npy(self.paths.features, features)
-        return np.load(self.paths.features)
+        return load_artifact(self.paths.features)
 
     def view(self) -> cp.CampaignView:
         return cp.CampaignView(
@@ -264,7 +272,7 @@ class Coordinator:
 
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
-        if not (folder / "train.npz").exists():
+        if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets")):
             atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
                             test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets)
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
@@ -272,7 +280,7 @@ class Coordinator:
         lam_path = folder / "lambda.json"
         self.dispatcher.run([TaskSpec(tasks.select_lambda, [root, iteration], f"{prefix}-lambda", lam_path)],
                             f"iteration {iteration}: choosing lambda")
-        ridge_lambda = json.loads(lam_path.read_text())["ridge_lambda"]
+        ridge_lambda = load_artifact(lam_path, ("ridge_lambda",))["ridge_lambda"]
         m = self.settings.model.n_members
         step = self.settings.model.members_per_task
         specs = [TaskSpec(tasks.fit_committee, [root, iteration, a, min(a + step, m), ridge_lambda],
@@ -280,7 +288,7 @@ class Coordinator:
                           self.paths.members(iteration, a, min(a + step, m))) for a in range(0, m, step)]
         with self._bar(len(specs), f"iteration {iteration}: fitting {m} members") as bar:
             self.dispatcher.run(specs, f"iteration {iteration}: fitting {m} members", bar)
-        parts = [np.load(spec.output) for spec in specs]
+        parts = [load_artifact(spec.output, ("coef", "intercept")) for spec in specs]
         return cp.assemble_committee(plan, features, ridge_lambda, np.concatenate([p["coef"] for p in parts]),
                                      np.concatenate([p["intercept"] for p in parts]))
 

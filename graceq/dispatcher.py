@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from graceq.store import CampaignPaths, atomic_write_bytes, atomic_write_json, error_file
+from graceq.store import CampaignPaths, artifact_ok, atomic_write_bytes, atomic_write_json, error_file
 
 log = logging.getLogger("graceq.dispatcher")
 
@@ -314,7 +314,7 @@ class Dispatcher:
         """Send every task whose output is missing; returns the group to watch."""
         group = TaskGroup(desc, specs)
         for spec in specs:
-            if spec.output.exists():
+            if artifact_ok(spec.output):  # a corrupt one is moved aside (named in the log) and redone
                 group.done.add(spec.task_id)
             else:
                 self._resend(spec)

@@ -159,7 +159,7 @@ def write_summary(root: str | Path) -> dict:
 def status_lines(root: str | Path) -> list[str]:
     """A short human summary of where a campaign stands (for `graceq status`)."""
     paths = CampaignPaths(root)
-    store = CampaignStore(paths.root)
+    store = CampaignStore(paths.root, readonly=True)  # never creates or changes state.sqlite
     settings = load_settings(paths.settings)
     iterations = store.iterations()
     picks = store.picks()

@@ -19,6 +19,7 @@ ingests them. Everything needed to resume a campaign lives in its directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+log = logging.getLogger("graceq.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +96,65 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class ArtifactError(RuntimeError):
+    """An artifact file that cannot be read (truncated, not the format its name says, keys
+    missing); the message names the file and where the bad copy was moved."""
+
+
+def load_artifact(path: str | Path, keys: tuple[str, ...] = ()):
+    """Return the content of an artifact file, read whole and checked; raise ArtifactError if bad.
+
+    ``.npy``: the array; ``.npz``: a dict of every array (all members read now, so a truncated
+    archive fails here and not later in a BadZipFile); ``.json``: the decoded value. ``keys``:
+    entries an ``.npz``/``.json`` must have. A bad file is moved aside to ``<name>.corrupt`` (the
+    evidence is kept, and its producer, which skips work whose output exists, writes it again).
+    A missing file raises FileNotFoundError as usual.
+    """
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            value = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                value = {name: archive[name] for name in archive.files}
+        elif path.suffix == ".json":
+            value = json.loads(path.read_text())
+        else:
+            raise ValueError(f"{path}: not an artifact kind graceq reads (.npy, .npz, .json)")
+        missing = [k for k in keys if not isinstance(value, dict) or k not in value]
+        if missing:
+            raise KeyError(f"missing {', '.join(missing)}")
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            pass
+        raise ArtifactError(
+            f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {exc}); moved aside to "
+            f"{aside.name}; graceq computes it again (run the campaign again if it stopped)"
+        ) from None
+    return value
+
+
+def artifact_ok(path: str | Path, keys: tuple[str, ...] = ()) -> bool:
+    """Whether an artifact exists and reads whole; a corrupt one is moved aside (logged) so that
+    it is recomputed: callers use this where they used ``path.exists()``."""
+    try:
+        load_artifact(path, keys)
+    except FileNotFoundError:
+        return False
+    except ArtifactError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
 def error_file(output: Path) -> Path:
     """Where a task that could not produce `output` writes its reason (the coordinator watches it)."""
     return output.with_name(output.name + ".error.json")
@@ -133,23 +195,68 @@ class CampaignPaths:
         return self.root / "jobs" / f"{idx:06d}"
 
 
-class CampaignStore:
-    """The campaign's SQLite state (single writer: the coordinator)."""
+def foreign_artifacts(paths: CampaignPaths) -> list[str]:
+    """Files derived from a pool in a directory that has no campaign state (relative paths,
+    sorted): another campaign's features, models, results or queued messages, which a new campaign
+    must not pick up. (settings.toml, structures.db and pool.json are rewritten by `init`.)"""
+    names = ("artifacts", "iterations", "results", "jobs", "broker", "relaxed.db", "summary.json")
+    return sorted(name + ("/" if (paths.root / name).is_dir() else "")
+                  for name in names if (paths.root / name).exists())
 
-    def __init__(self, root: str | Path):
+
+class CampaignStore:
+    """The campaign's SQLite state (single writer: the coordinator).
+
+    ``readonly=True`` opens an existing store for reading only (``graceq status``, reports): it
+    never creates ``state.sqlite`` nor changes anything, and a directory without one raises
+    FileNotFoundError naming it.
+    """
+
+    def __init__(self, root: str | Path, readonly: bool = False):
         self.paths = CampaignPaths(root)
+        if readonly:
+            if not self.paths.state.is_file():
+                raise FileNotFoundError(
+                    f"{self.paths.root}: no campaign here (no state.sqlite); create one with `graceq init`"
+                )
+            uri = self.paths.state.as_uri()
+            try:  # sees what a running coordinator committed (SQLite may add empty -wal/-shm files)
+                self._db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
+                self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:  # a folder we may not write to: the file as it is
+                self._db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "structures" not in tables or self.n_structures() == 0:
+                self._db.close()
+                raise FileNotFoundError(
+                    f"{self.paths.root}: no campaign here (state.sqlite holds none); create one with `graceq init`"
+                )
+            return
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.paths.state, timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self.checkpoint()
 
     def close(self) -> None:
         self._db.close()
 
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into state.sqlite and empty it.
+
+        In WAL mode committed transactions live in ``state.sqlite-wal`` until a checkpoint; SQLite's
+        automatic one waits for 1,000 pages, which a campaign may never write. Done after every
+        transaction (every iteration's commit), so that state.sqlite alone (a copy, a backup
+        without ``-wal``) holds the campaign up to its last iteration.
+        """
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All-or-nothing: an iteration's record and its next picks land together or not at all."""
+        """All-or-nothing: an iteration's record and its next picks land together or not at all.
+
+        The store is checkpointed after the commit (see `checkpoint`)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -157,6 +264,7 @@ class CampaignStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        self.checkpoint()
 
     # -- meta -------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:

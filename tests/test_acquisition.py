@@ -136,3 +136,55 @@ def test_fast_prunes_rows_and_still_equals_literal(first_round, monkeypatch):
     assert 0 < batch.n_refreshed < 0.5 * 7 * len(X_pool)
     lit = kriging_believer(*args, method="literal")
     np.testing.assert_array_equal(batch.picks, lit)
+
+
+@pytest.mark.parametrize("kept", ["none", "eight"])
+@pytest.mark.parametrize("n_labelled, p, noise, alphas", CASES)
+def test_memory_bounded_fast_kriging_believer_equals_literal(n_labelled, p, noise, alphas, kept, monkeypatch):
+    """Issue 12: the per-member matrices (256 x 2,001^2 doubles at 5,000 labelled) are kept only
+    within _KEPT_BYTES; the other members are factorised again at every pick. With none or 8 of
+    the 24 members kept, in the dual, the primal and across the switch, the picks stay those of
+    the literal recipe."""
+    from graceq import acquisition
+
+    n_sub = int(0.5 * int(0.8 * n_labelled))
+    per_member = 8 * ((n_sub if n_sub < p + 1 else p) + 1) ** 2
+    monkeypatch.setattr(acquisition, "_KEPT_BYTES", 0 if kept == "none" else 8 * per_member)
+    model, X_pool, offset, scale, best, window = campaign(n_labelled, p, noise, alphas, seed=p)
+    candidates = np.arange(len(X_pool))[::-1][5:]
+    args = (model, X_pool, candidates, best, window, 10, offset, scale)
+    lit, ei_lit = kriging_believer(*args, method="literal", return_ei=True)
+    fast, ei_fast = kriging_believer(*args, method="fast", return_ei=True)
+    np.testing.assert_array_equal(fast, lit)
+    np.testing.assert_allclose(ei_fast, ei_lit, rtol=1e-6)
+
+
+def test_kept_and_refactorised_members_solve_the_same_systems(monkeypatch):
+    from graceq import acquisition
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(60, 90))
+    subsets = np.array([rng.choice(60, 30, replace=False) for _ in range(6)])
+    c = rng.normal(size=(6, 31))
+    out = {}
+    for budget in (10**9, 3 * 8 * 31**2, 0):
+        monkeypatch.setattr(acquisition, "_KEPT_BYTES", budget)
+        dual = acquisition._DualMembers(X @ X.T, subsets, 1e-3)
+        out[budget] = np.empty_like(c)
+        dual.solve(c, out[budget])
+        assert dual.kept == {10**9: 6, 0: 0}.get(budget, 3)
+    for i, rows in enumerate(subsets):  # the bordered system, solved directly
+        M = np.zeros((31, 31))
+        M[0, 1:] = M[1:, 0] = 1.0
+        M[1:, 1:] = X[rows] @ X[rows].T + 1e-3 * np.eye(30)
+        for budget in out:
+            np.testing.assert_allclose(out[budget][i], np.linalg.solve(M, c[i]), rtol=1e-8, atol=1e-10)
+    Xa = rng.normal(size=(60, 12))
+    xa = np.concatenate([[1.0], rng.normal(size=12)])
+    for budget in (10**9, 0):
+        monkeypatch.setattr(acquisition, "_KEPT_BYTES", budget)
+        primal = acquisition._PrimalMembers(Xa, subsets, 0.1, [])
+        h = primal.solve(xa)
+        primal.believe(xa, h, 1.0 + h @ xa)
+        out[("primal", budget)] = primal.solve(xa)
+    np.testing.assert_allclose(out[("primal", 0)], out[("primal", 10**9)], rtol=1e-8, atol=1e-12)

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import quote
 from importlib.resources import files
 from pathlib import Path
 
@@ -122,6 +123,21 @@ def hard_coded_secrets(doc: dict) -> list[str]:
     return found
 
 
+def container_environment(service: dict, bin_dir: Path) -> dict[str, str]:
+    """The environment a service's command sees in its container: the service's environment, passed
+    through its entrypoint (which builds GRACEQ_BROKER_URL with the password URL-quoted); tini is
+    left out, and ``bin_dir`` holds the image's graceq-entrypoint (workers/entrypoint.sh)."""
+    shutil.copy(REPO / "workers" / "entrypoint.sh", bin_dir / "graceq-entrypoint")
+    (bin_dir / "graceq-entrypoint").chmod(0o755)
+    entrypoint = service["entrypoint"]
+    assert entrypoint[:2] == ["tini", "--"]
+    env = dict(os.environ, **environment_of(service))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(entrypoint[2:] + ["env", "-0"], env=env, capture_output=True, timeout=60, check=True)
+    seen = dict(item.split("=", 1) for item in proc.stdout.decode().split("\0") if "=" in item)
+    return {k: v for k, v in seen.items() if k in environment_of(service) or k.startswith("GRACEQ_")}
+
+
 def _graceq() -> list[str]:
     exe = Path(sys.executable).with_name("graceq")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "graceq.cli"]
@@ -131,11 +147,12 @@ def _graceq() -> list[str]:
 
 
 
-ENV = {"REDIS_PASSWORD": "pw-" + secrets.token_hex(8), "GRACEQ_FLOWER_BASIC_AUTH": "ops:" + secrets.token_hex(8)}
+# a base64-like secret with every character that needs quoting in a URL (issue 12)
+ENV = {"REDIS_PASSWORD": "pw/+" + secrets.token_hex(8) + "#?@:=%", "GRACEQ_FLOWER_BASIC_AUTH": "ops:" + secrets.token_hex(8)}
 
 
 # -- (a) the files --------------------------------------------------------------------------------
-def test_compose_declares_the_stack():
+def test_compose_declares_the_stack(tmp_path):
     services = load_compose(ENV)["services"]
     assert set(services) == SERVICES
 
@@ -162,7 +179,9 @@ def test_compose_declares_the_stack():
     for name in ("coordinator", "worker-featurize", "worker-fit", "worker-dft"):
         s = services[name]
         assert any(v.endswith(":/campaigns") for v in s["volumes"]), f"{name} lacks the shared /campaigns"
-        assert environment_of(s)["GRACEQ_BROKER_URL"] == f"redis://:{ENV['REDIS_PASSWORD']}@redis:6379/0"
+        seen = container_environment(s, tmp_path)
+        assert seen["GRACEQ_BROKER_URL"] == f"redis://:{quote(ENV['REDIS_PASSWORD'], safe='')}@redis:6379/0"
+        assert "REDIS_PASSWORD" not in seen  # the command sees the URL only
         assert s["depends_on"]["redis"]["condition"] == "service_healthy"
 
     flower = services["flower"]
@@ -182,8 +201,8 @@ def test_no_secret_is_hard_coded():
     # the check finds a written-in password, wherever it is
     text = COMPOSE.read_text()
     for bad in (text.replace('"${REDIS_PASSWORD:?set REDIS_PASSWORD (e.g. openssl rand -hex 24)}"', "hunter2", 1),
-                text.replace("redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD (e.g. openssl rand -hex 24)}@",
-                             "redis://:hunter2@", 1),
+                text.replace('REDIS_PASSWORD: "${REDIS_PASSWORD:?set REDIS_PASSWORD (e.g. openssl rand -hex 24)}"',
+                             'GRACEQ_BROKER_URL: "redis://:hunter2@redis:6379/0"', 1),
                 text.replace('"${GRACEQ_FLOWER_BASIC_AUTH:?set GRACEQ_FLOWER_BASIC_AUTH=user:password}"',
                              "admin:hunter2", 1)):
         assert bad != text
@@ -197,7 +216,7 @@ def test_no_secret_is_hard_coded():
         assert not written, f"{path}: a password in a URL"
 
 
-def test_every_service_command_is_a_working_graceq_command():
+def test_every_service_command_is_a_working_graceq_command(tmp_path):
     services = load_compose(ENV)["services"]
     for name, service in services.items():
         if name == "redis":
@@ -206,7 +225,7 @@ def test_every_service_command_is_a_working_graceq_command():
         assert cmd[0] == "graceq"
         # all options are parsed before --help is acted on: a wrong option fails here
         proc = subprocess.run(_graceq() + cmd[1:] + ["--help"], capture_output=True, text=True, timeout=60,
-                              env=dict(os.environ, **environment_of(service)))
+                              env=dict(os.environ, **container_environment(service, tmp_path)))
         assert proc.returncode == 0, f"{name}: {' '.join(cmd)} --help failed: {proc.stderr}"
         assert f"Usage: graceq {cmd[1]}" in proc.stdout.replace("python -m graceq.cli", "graceq")
     proc = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
@@ -366,7 +385,10 @@ def test_the_declared_commands_run_a_campaign_as_local_processes(tmp_path):
     def argv_env(name: str) -> tuple[list[str], dict]:
         service = services[name]
         cmd = [local(a) for a in service["command"]]
-        env = {k: local(v) for k, v in environment_of(service).items()}
+        if name == "redis":
+            env = {k: local(v) for k, v in environment_of(service).items()}
+        else:
+            env = {k: local(v) for k, v in container_environment(service, tmp_path).items()}
         return (_graceq() + cmd[1:] if cmd[0] == "graceq" else cmd), dict(os.environ, **env)
 
     stack = Stack(tmp_path)
