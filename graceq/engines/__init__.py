@@ -121,7 +121,7 @@ def check_engine_settings(settings: dict[str, Any], allow_code: bool | None = No
                                    "Shell lines and programs of the batch jobs come from the worker's "
                                    "environment (its `module load`s) when settings code is off. ")
         for key, value in slurm.items():
-            if isinstance(value, str) and not re.fullmatch(r"[\w.:,=/@+-]*", value):
+            if key not in SLURM_CODE_KEYS and isinstance(value, str) and not re.fullmatch(r"[\w.:,=/@+-]*", value):
                 raise code_refusal(f"[engine.slurm] {key} = {value!r}",
                                    "Values written into the batch script must be plain words. ")
 
