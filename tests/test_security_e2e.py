@@ -215,3 +215,152 @@ def test_crafted_message_through_flower_api_runs_no_command(pool, workers, redis
         time.sleep(0.2)
     assert json.loads((legit / "results" / "000002.json").read_text())["status"] == "converged"
     client.close()
+
+
+# -- secrets stay out of sight ------------------------------------------------------------------
+def _ps() -> str:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def password_redis(tmp_path):
+    """A private redis-server that asks for a password; the password is given in its config file,
+    not on its command line (which this test reads with ps)."""
+    password = os.urandom(12).hex()
+    port = free_port()
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\nrequirepass {password}\n")
+    conf.chmod(0o600)
+    proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL)
+    wait_port(port, proc, "redis-server")
+    yield password, f"redis://:{password}@127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_ps_never_shows_the_broker_password(pool, password_redis, tmp_path):
+    """`graceq run --broker-file`, `graceq worker --broker-file` and `graceq flower --broker-file`
+    (the documented commands) through a whole campaign: the password is in no process's argv."""
+    password, url = password_redis
+    broker_file = tmp_path / "broker_url"
+    broker_file.write_text(url + "\n")
+    broker_file.chmod(0o600)
+    settings = tmp_path / "settings.toml"
+    settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n'
+                        'budget = 10\n[model]\nn_members = 16\nmembers_per_task = 8\n[descriptor]\nchunk_size = 4\n'
+                        'n_max = 4\nl_max = 2\nn_compressed = 2\n')
+    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
+    env["GRACEQ_FLOWER_BASIC_AUTH"] = "admin:" + os.urandom(6).hex()
+    procs = []
+    try:
+        procs.append(subprocess.Popen(GRACEQ + ["worker", "--broker-file", str(broker_file), "-c", "1",
+                                                "--campaign-root", str(tmp_path)],
+                                      stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True))
+        port = free_port()
+        procs.append(subprocess.Popen(GRACEQ + ["flower", "--broker-file", str(broker_file), "--port", str(port)],
+                                      stdout=open(tmp_path / "flower.log", "wb"), stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True))
+        run = subprocess.Popen(GRACEQ + ["run", str(tmp_path / "camp"), "--settings", str(settings), "--quiet",
+                                         "--broker-file", str(broker_file)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(run)
+        seen = 0
+        while run.poll() is None:
+            listing = _ps()
+            assert password not in listing, [line for line in listing.splitlines() if password in line]
+            seen += "celery" in listing and "flower" in listing
+            time.sleep(0.1)
+        out = run.stdout.read().decode()
+        assert run.returncode == 0, out
+        assert seen > 0  # the workers and Flower were up while ps was read
+        assert "reference calls" in out and password not in out
+        # a URL on the command line: warned about, and `graceq run` goes on without it in its argv
+        again = subprocess.Popen(GRACEQ + ["run", str(tmp_path / "camp"), "--broker", url, "--budget", "12",
+                                           "--quiet"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(again)
+        time.sleep(4)
+        late = [_ps() for _ in range(10) if again.poll() is None and not time.sleep(0.2)]
+        out = again.communicate(timeout=300)[0].decode()
+        assert again.returncode == 0, out
+        assert "visible to every user" in out and password not in out
+        assert late and all(password not in listing for listing in late)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+    for log in ("worker.log", "flower.log"):
+        assert password not in (tmp_path / log).read_text(errors="replace")
+
+
+PILOT = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "graceq-workers.sbatch"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node SLURM (tests/slurm_setup.sh installs and starts it; skip where it cannot)."""
+    setup = Path(__file__).resolve().parent / "slurm_setup.sh"
+    proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode == 2:
+        pytest.skip(f"cannot install SLURM here: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _stored_environment(job_id: str) -> str | None:
+    """What slurmctld keeps of a batch job's environment (its state files; root only)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    match = re.search(r"StateSaveLocation\s*=\s*(\S+)", out)
+    if not match:
+        return None
+    for path in Path(match.group(1)).glob(f"hash.*/job.{job_id}/environment"):
+        return path.read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+    return None
+
+
+def test_the_pilot_job_keeps_the_broker_url_out_of_the_stored_job_environment(slurm, password_redis, tmp_path):
+    password, url = password_redis
+    broker_file = tmp_path / "broker_url"
+    broker_file.write_text(url + "\n")
+    broker_file.chmod(0o600)
+    graceq = Path(sys.executable).with_name("graceq")
+    env = dict(os.environ, GRACEQ_BROKER_URL=url,  # a user who also has it in the shell
+               GRACEQ_BROKER_FILE=str(broker_file), GRACEQ_QUEUES="dft",
+               GRACEQ=str(graceq) if graceq.exists() else " ".join(GRACEQ))
+    # --time above the pilot's --signal=TERM@300, or SLURM sends the warm-shutdown TERM at once
+    job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/pilot-%j.out", "--time=00:10:00",
+                          str(PILOT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip()
+    try:
+        stored = _stored_environment(job_id)
+        if stored is not None:
+            assert password not in stored and "GRACEQ_BROKER_URL=\n" in stored + "\n"
+        client = celery_client(url)
+        deadline = time.time() + 90
+        while not any(f"-{job_id}-0@" in name for reply in (client.control.ping(timeout=1.0) or [])
+                      for name in reply):
+            assert time.time() < deadline, (tmp_path / f"pilot-{job_id}.out").read_text()
+            time.sleep(0.5)
+        assert client.send_task("graceq.noop", args=[7], queue="dft").get(timeout=60) == 7
+        client.close()
+    finally:
+        subprocess.run(["scancel", "--signal=TERM", job_id], capture_output=True)
+    deadline = time.time() + 60
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert password not in (tmp_path / f"pilot-{job_id}.out").read_text()
+
+    # an --export on the command line puts the URL back into the job: the pilot refuses to start
+    bad = subprocess.run(["sbatch", "--parsable", "--wait", "--export=ALL", f"--output={tmp_path}/bad-%j.out",
+                          "--time=00:02:00", str(PILOT)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    bad_id = bad.stdout.strip().split(";")[0]
+    assert bad.returncode != 0
+    assert "reached the job environment" in (tmp_path / f"bad-{bad_id}.out").read_text()
