@@ -364,3 +364,46 @@ def test_the_pilot_job_keeps_the_broker_url_out_of_the_stored_job_environment(sl
     bad_id = bad.stdout.strip().split(";")[0]
     assert bad.returncode != 0
     assert "reached the job environment" in (tmp_path / f"bad-{bad_id}.out").read_text()
+
+
+# -- message signing -------------------------------------------------------------------------------
+def test_signing_workers_refuse_unsigned_and_mis_signed_messages(pool, workers, redis_url, tmp_path, monkeypatch):
+    """With GRACEQ_SIGNING_KEY the coordinator signs every message and workers check it before the
+    task runs; a whole campaign runs signed."""
+    from graceq import trust
+
+    key = os.urandom(16).hex()
+    log = tmp_path / "worker.log"
+    _start_worker(workers, tmp_path, log, env={trust.ENV_SIGNING_KEY: key})
+    client = celery_client(redis_url)
+    _wait_ready(client, log)
+    assert "message signing: required" in log.read_text()
+
+    monkeypatch.delenv(trust.ENV_SIGNING_KEY, raising=False)
+    unsigned = client.send_task("graceq.noop", args=[1], queue="dft")
+    unsigned.get(timeout=60, propagate=False)
+    monkeypatch.setenv(trust.ENV_SIGNING_KEY, "not-the-key")
+    forged = client.send_task("graceq.noop", args=[2], queue="dft")
+    forged.get(timeout=60, propagate=False)
+    monkeypatch.setenv(trust.ENV_SIGNING_KEY, key)
+    assert client.send_task("graceq.noop", args=[3], queue="dft").get(timeout=60) == 3
+    assert unsigned.state == forged.state == "FAILURE"
+    text = log.read_text()
+    assert f"refused task graceq.noop[{unsigned.id}]" in text and "is not signed" in text
+    assert f"refused task graceq.noop[{forged.id}]" in text and "signature does not match" in text
+    client.close()
+
+    # a campaign whose coordinator has the key: every featurize, fit and dft message verifies
+    settings = tmp_path / "settings.toml"
+    settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n'
+                        'budget = 10\n[model]\nn_members = 16\nmembers_per_task = 8\n[descriptor]\nchunk_size = 4\n'
+                        'n_max = 4\nl_max = 2\nn_compressed = 2\n')
+    log2 = tmp_path / "worker-all.log"
+    _start_worker(workers, tmp_path, log2, "--queues", "featurize,fit,dft", env={trust.ENV_SIGNING_KEY: key})
+    run_cli("run", str(tmp_path / "camp"), "--settings", str(settings), "--quiet",
+            env={"GRACEQ_BROKER_URL": redis_url, trust.ENV_SIGNING_KEY: key}, timeout=600)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "camp" / "state.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 10
+    assert "refused" not in log2.read_text().replace("settings code refused", "")
