@@ -320,8 +320,7 @@ def check_message(task: Task, args: tuple, kwargs: dict) -> None:
 
     key = signing_key()
     if key is not None:
-        sent = getattr(task.request, SIGNATURE_HEADER, None) or (task.request.get(SIGNATURE_HEADER)
-                                                                 if hasattr(task.request, "get") else None)
+        sent = getattr(task.request, SIGNATURE_HEADER, None)  # message headers become request attributes
         if not sent:
             raise UntrustedMessage("the message is not signed and this worker requires signatures "
                                    f"({ENV_SIGNING_KEY}); send it from a coordinator that has the key")
@@ -468,6 +467,23 @@ def reject(path: str | Path, reason: str) -> Path:
                        "host": socket.gethostname()})
     log.warning("rejected result %s: %s (moved to %s)", path, reason, target)
     return target
+
+
+def accept_result(path: str | Path, expected_name: str, expected_task_id: str | None,
+                  numbers: Iterable[int] | None = None, expected_idx: int | None = None) -> dict | None:
+    """The record of a result file when it may count; else None, the file moved to results/rejected/.
+
+    One call for the coordinator's ingest: :func:`read_result`, then :func:`check_result`, then
+    :func:`reject` with the reason (logged). None means the job has no result: send it again under
+    the attempt rules.
+    """
+    record, reason = read_result(path)
+    if reason is None:
+        reason = check_result(record, expected_name, expected_task_id, numbers, expected_idx)
+    if reason is not None:
+        reject(path, reason)
+        return None
+    return record
 
 
 def run_flower(argv: list[str], metrics_public: bool = False) -> None:

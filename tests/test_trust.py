@@ -326,6 +326,22 @@ def test_reject_moves_the_file_aside_with_its_reason(tmp_path):
     assert sorted(p.name for p in results.iterdir()) == ["rejected"]  # results/ holds no result file now
 
 
+def test_accept_result_is_read_check_and_reject_in_one_call(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    good, bad, cut = results / "000004.json", results / "000005.json", results / "000006.json"
+    good.write_text(json.dumps(_record()))
+    bad.write_text(json.dumps(_record(name="s9")))
+    cut.write_text(json.dumps(_record())[:40])
+    tid = "graceq-abc-it0001-dft-000004"
+    assert trust.accept_result(good, "s1", tid, [6, 6, 1], expected_idx=4) == _record()
+    assert good.exists()
+    assert trust.accept_result(bad, "s1", tid, [6, 6, 1]) is None and not bad.exists()
+    assert trust.accept_result(cut, "s1", tid, [6, 6, 1]) is None and not cut.exists()
+    reasons = sorted(json.loads(p.read_text())["reason"] for p in (results / "rejected").glob("*.reason.json"))
+    assert len(reasons) == 2 and "not valid JSON" in reasons[0] and "structure name 's9'" in reasons[1]
+
+
 # -- signing --------------------------------------------------------------------------------
 def test_signature_covers_name_id_and_arguments():
     key = b"k" * 32
