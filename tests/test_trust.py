@@ -189,6 +189,22 @@ def test_a_results_folder_that_leads_out_of_the_campaign_is_refused(campaign, tm
         trust.check_campaign_dir(str(copy), [tmp_path])
 
 
+def test_every_task_is_checked_and_names_its_campaign_dir():
+    """The worker's checks go by argument name: a task whose campaign folder is not called
+    `campaign_dir` would run unchecked. Also: every graceq task has the checking base class."""
+    import inspect
+
+    from graceq.app import app
+
+    app.loader.import_default_modules()
+    tasks = {name: task for name, task in app.tasks.items() if name.startswith("graceq.")}
+    assert "graceq.run_reference" in tasks
+    for name, task in tasks.items():
+        assert isinstance(task, trust.CheckedTask), name
+        if name != "graceq.noop":
+            assert "campaign_dir" in inspect.signature(task.run).parameters, name
+
+
 def _args(campaign, **kw):
     return {"campaign_dir": str(campaign), **kw}
 
