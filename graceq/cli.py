@@ -86,8 +86,8 @@ def broker_url(broker: str | None, broker_file: str | None, required: bool = Fal
                hide: bool = False) -> str | None:
     """The broker URL from --broker, --broker-file or the environment, never echoed.
 
-    A command-line --broker beats --broker-file, which beats GRACEQ_BROKER_URL, which beats
-    GRACEQ_BROKER_FILE. A URL with a password given on the command line is warned about; with
+    First --broker-file on the command line, then --broker (command line, then GRACEQ_BROKER_URL),
+    then GRACEQ_BROKER_FILE. A URL with a password given on the command line is warned about; with
     ``hide``, a long-running command then re-executes itself with the URL in its environment
     instead, so that `ps` does not show the password for the whole run.
     """
@@ -264,7 +264,7 @@ def worker(queues, concurrency, name, broker, broker_file, campaign_roots, allow
 
 #: Flower options that graceq sets itself, or that would put a secret on the command line
 _FLOWER_OWN = {"address": "--address", "port": "--port", "basic-auth": "GRACEQ_FLOWER_BASIC_AUTH",
-               "broker": "--broker-file or GRACEQ_BROKER_URL", "broker-api": "(not supported)"}
+               "broker": "--broker-file or GRACEQ_BROKER_URL", "broker-api": "nothing (it holds a password; graceq's brokers need no broker API)"}
 
 
 def _local_address(address: str) -> bool:
