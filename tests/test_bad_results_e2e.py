@@ -92,7 +92,7 @@ def test_bad_result_files_are_rejected_and_cost_nothing(roy_small, tmp_path):
     for kind, idx in planted.items():
         reason = reasons[str(target.resolve() / "results" / f"{idx:06d}.json")]
         assert REASONS[kind] in reason, (kind, reason)
-        assert "rejected result" in log and "result rejected; sending it again" in log
+    assert log.count("rejected result") == len(BAD)  # graceq.trust.reject logs each one
     assert picks_of(target) == picks_of(undisturbed)
     with sqlite3.connect(target / "state.sqlite") as db, sqlite3.connect(undisturbed / "state.sqlite") as ref:
         mine = db.execute("SELECT idx, status, energy_ref FROM results ORDER BY idx").fetchall()
