@@ -252,7 +252,7 @@ def check_arguments(task_name: str, arguments: dict[str, Any], roots: list[Path]
     ``campaign_dir`` (see :func:`check_campaign_dir`), ``idx`` (< pool size, and ``name`` must be
     its pool name), ``iteration`` (<= pool size: every iteration labels a structure), ``chunk``,
     ``start``/``stop`` (0 <= start < stop; pool rows for featurize), ``sample`` (pool rows),
-    ``species`` (atomic numbers), ``alpha`` (finite, > 0).
+    ``species`` (atomic numbers), ``alpha``/``ridge_lambda`` (finite, > 0).
     """
     if "campaign_dir" not in arguments:
         return
@@ -291,10 +291,12 @@ def check_arguments(task_name: str, arguments: dict[str, Any], roots: list[Path]
             raise UntrustedMessage("species must be a non-empty list of atomic numbers")
         for z in arguments["species"]:
             _non_negative_int("atomic number", z, 119, "atomic numbers")
-    if "alpha" in arguments:
-        alpha = arguments["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-            raise UntrustedMessage(f"alpha (the ridge regulariser) must be a finite number > 0, got {alpha!r}")
+    for key in ("alpha", "ridge_alpha", "ridge_lambda"):  # the ridge regulariser, by any of its names
+        if key in arguments:
+            value = arguments[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise UntrustedMessage(f"{key} (the ridge regulariser) must be a finite number > 0, got {value!r}")
 
 
 def check_engine_policy(root: Path) -> None:
