@@ -17,7 +17,7 @@ from conftest import GRACEQ, bundled, free_port, wait_port, write_subset
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=300)
 
 
 def _redis_has_tls() -> str | None:
@@ -101,14 +101,14 @@ def test_a_campaign_runs_through_rediss(pki, tls_redis, tmp_path):
     # the certificate checks are real: no CA -> verification fails; no client certificate -> refused
     probe = _probe()
     ok = subprocess.run([sys.executable, "-c", probe, str(broker_file)], capture_output=True, text=True,
-                        env=env, timeout=60)
+                        env=env, timeout=300)
     assert ok.returncode == 0 and "ok" in ok.stdout, ok.stderr
     no_ca = {k: v for k, v in env.items() if k != "GRACEQ_BROKER_CA"}
     bad = subprocess.run([sys.executable, "-c", probe, str(broker_file)], capture_output=True, text=True,
-                         env=no_ca, timeout=60)
+                         env=no_ca, timeout=300)
     assert bad.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in bad.stderr, bad.stderr[-2000:]
     bad = subprocess.run([sys.executable, "-c", probe, str(broker_file)], capture_output=True, text=True,
-                         env=_tls_env(pki, client_cert=False), timeout=60)
+                         env=_tls_env(pki, client_cert=False), timeout=300)
     assert bad.returncode != 0
 
     pool = write_subset(bundled("roy264", "roy264.extxyz"), tmp_path / "roy12.extxyz", 22)

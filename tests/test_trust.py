@@ -422,7 +422,7 @@ def test_tls_options(monkeypatch, tmp_path):
 def test_flower_refuses_every_way_to_listen_beyond_localhost_without_auth(args):
     env = {k: v for k, v in os.environ.items() if k not in ("GRACEQ_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH")}
     env["GRACEQ_BROKER_URL"] = "redis://127.0.0.1:1/0"
-    out = subprocess.run(GRACEQ + ["flower", *args], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(GRACEQ + ["flower", *args], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     assert "without authentication" in out.stderr or "not to Flower directly" in out.stderr, out.stderr
 
@@ -434,11 +434,11 @@ def test_broker_file_and_the_password_warning(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
     # an unreadable campaign stops `graceq run` after the broker is read: enough to see the warnings
     out = subprocess.run(GRACEQ + ["run", str(tmp_path / "none"), "--broker-file", str(broker_file), "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env=env, timeout=300)
     assert "readable by other users" in out.stderr and "pw-in-file" not in out.stderr + out.stdout
     out = subprocess.run(GRACEQ + ["run", str(tmp_path / "none"), "--broker", "redis://:pw-on-line@127.0.0.1:1/0"],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env=env, timeout=300)
     assert "visible to every user" in out.stderr and "pw-on-line" not in out.stderr + out.stdout
     out = subprocess.run(GRACEQ + ["worker", "--broker-file", str(tmp_path / "missing")],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0 and "cannot read it" in out.stderr
