@@ -18,6 +18,12 @@ reported apart. Both campaigns must pick the same structures (same seed).
 3. ``noop``: 1,000 sequential round trips of ``graceq.noop`` through Redis to one worker process
    (send, execute, result back through the Redis result backend): median, p99, max in ms; and the
    throughput of 1,000 no-ops sent at once to 2 worker processes.
+
+``--signing`` measures the cost of message signing instead (no campaigns): the no-op round trip
+through Redis to one worker without a key and with ``GRACEQ_SIGNING_KEY`` (the sender adds an
+HMAC-SHA256 header, the worker verifies it before the task runs), in alternating blocks
+(A B A B ...) so that a change of machine load hits both alike; and the CPU time of one signature
+in-process (µs).
 """
 
 from __future__ import annotations
@@ -138,8 +144,8 @@ def run_campaign(folder: Path, settings: Path, iterations: int, broker: str | No
     }
 
 
-def noop_round_trips(broker: str, n: int) -> dict:
-    """n sequential send -> execute -> result round trips of graceq.noop; times in ms."""
+def noop_round_trips(broker: str, n: int, raw: bool = False):
+    """n sequential send -> execute -> result round trips of graceq.noop; times in ms (all, with raw)."""
     from graceq import app as app_module
     from graceq.tasks import noop
 
@@ -152,6 +158,8 @@ def noop_round_trips(broker: str, n: int) -> dict:
         value = noop.apply_async(args=[k], queue="dft").get(timeout=30)
         times.append((time.perf_counter() - start) * 1000)
         assert value == k
+    if raw:
+        return times
     times.sort()
     return {
         "tasks": n,
@@ -176,6 +184,51 @@ def noop_throughput(broker: str, n: int) -> dict:
     return {"tasks": n, "workers": 2, "wall_s": round(elapsed, 2), "tasks_per_s": round(n / elapsed, 1)}
 
 
+def signing_overhead(work: Path, n: int, blocks: int = 3) -> dict:
+    """No-op round trips without and with message signing, alternating blocks of n; times in ms."""
+    from graceq import trust
+
+    redis, broker = start_redis(work)
+    procs = [redis]
+    times: dict[str, list[float]] = {"unsigned": [], "signed": []}
+    key = os.urandom(32).hex()
+    try:
+        for block in range(blocks):
+            for mode in ("unsigned", "signed"):
+                if mode == "signed":
+                    os.environ[trust.ENV_SIGNING_KEY] = key  # the sender (this process) and the worker
+                else:
+                    os.environ.pop(trust.ENV_SIGNING_KEY, None)
+                worker = start_worker(broker, "dft", f"sign-{mode}-{block}@%h", work / f"worker-{mode}.log")
+                procs.append(worker)
+                wait_workers(broker, 1)
+                block_times = noop_round_trips(broker, n, raw=True)
+                times[mode] += block_times
+                stop([worker])
+                procs.remove(worker)
+                if mode == "signed":
+                    log = (work / "worker-signed.log").read_text()
+                    assert "message signing: required" in log, "the worker did not require signatures"
+                    assert "refused task" not in log, "the signing worker refused a signed message"
+    finally:
+        os.environ.pop(trust.ENV_SIGNING_KEY, None)
+        stop(list(reversed(procs)))
+    out = {}
+    for mode, values in times.items():
+        values.sort()
+        out[mode] = {"tasks": len(values), "median_ms": round(statistics.median(values), 3),
+                     "p99_ms": round(values[int(0.99 * (len(values) - 1))], 3),
+                     "mean_ms": round(statistics.fmean(values), 3)}
+    out["median_overhead_ms"] = round(out["signed"]["median_ms"] - out["unsigned"]["median_ms"], 3)
+    args = ["/srv/graceq/campaigns/roy-264-production", 123, "0123_ABCDEF"]
+    k = 20000
+    start = time.perf_counter()
+    for i in range(k):
+        trust.signature(key.encode(), "graceq.run_reference", f"graceq-0123456789ab-it0007-dft-{i:06d}", args, {})
+    out["signature_cpu_us"] = round((time.perf_counter() - start) / k * 1e6, 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", default=str(files("graceq") / "data" / "roy264" / "roy264.extxyz"))
@@ -183,7 +236,29 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="no-op round trips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--signing", action="store_true",
+                        help="measure message signing (no-op round trips without/with a key) instead")
     args = parser.parse_args()
+
+    if args.signing:
+        work = Path(tempfile.mkdtemp(prefix="graceq-signing-"))
+        try:
+            load = [round(x, 2) for x in os.getloadavg()]
+            figures = signing_overhead(work, args.tasks)
+            figures.update(cores=os.cpu_count(), load_average_before=load,
+                           load_average_after=[round(x, 2) for x in os.getloadavg()])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if args.json:
+            print(json.dumps(figures, indent=1))
+            return
+        u, g = figures["unsigned"], figures["signed"]
+        print(f"{figures['cores']} cores (load {figures['load_average_before']} -> {figures['load_average_after']})")
+        print(f"graceq.noop round trip, unsigned: median {u['median_ms']} ms, p99 {u['p99_ms']} ms ({u['tasks']} tasks)")
+        print(f"graceq.noop round trip, signed:   median {g['median_ms']} ms, p99 {g['p99_ms']} ms ({g['tasks']} tasks)")
+        print(f"signing overhead per task: {figures['median_overhead_ms']} ms (median); one HMAC-SHA256 signature "
+              f"{figures['signature_cpu_us']} µs of CPU")
+        return
 
     work = Path(tempfile.mkdtemp(prefix="graceq-dispatch-"))
     procs: list[subprocess.Popen] = []

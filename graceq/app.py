@@ -3,7 +3,11 @@
 Two ways to run, with the same tasks and the same messages:
 
 - **scale-out**: ``GRACEQ_BROKER_URL=redis://[:password@]host:port/db`` (``rediss://`` for TLS);
-  results go to the same Redis unless ``GRACEQ_RESULT_BACKEND`` names another.
+  results go to the same Redis unless ``GRACEQ_RESULT_BACKEND`` names another. With ``rediss://``
+  the server certificate is verified against ``GRACEQ_BROKER_CA`` (a PEM CA bundle; the system's
+  CAs when unset); ``GRACEQ_BROKER_CERT``/``GRACEQ_BROKER_KEY`` give a client certificate when
+  Redis asks for one (``tls-auth-clients``); ``GRACEQ_BROKER_CERT_REQS`` is ``required``
+  (default), ``optional`` or ``none`` (no verification: testing only).
 - **embedded** (no broker configured): kombu's folder transport (``graceq.broker``: the
   ``filesystem://`` transport with atomic message files) with its message folder
   inside the campaign directory (``GRACEQ_EMBEDDED_DIR``), and worker processes started by
@@ -28,10 +32,12 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 import graceq.broker  # noqa: F401  (registers the embedded graceqfs:// transport)
+import graceq.trust  # noqa: F401  (connects message signing and the worker's trust policy)
 
 QUEUES = ("featurize", "fit", "dft")
 
-app = Celery("graceq", include=["graceq.tasks"])
+# every task checks its message before its body runs (graceq.trust.CheckedTask)
+app = Celery("graceq", include=["graceq.tasks"], task_cls="graceq.trust:CheckedTask")
 
 
 def redact(url: str | None) -> str:
@@ -58,6 +64,31 @@ def redact(url: str | None) -> str:
         return f"{scheme}://{userinfo}{at}{hostpart}"
     except Exception:  # a log line must never be what stops graceq
         return "<broker URL: not shown>"
+
+
+def tls_options(url: str) -> dict | None:
+    """SSL options for a ``rediss://`` URL from GRACEQ_BROKER_CA/_CERT/_KEY/_CERT_REQS, else None.
+
+    Celery's Redis result backend refuses a ``rediss://`` URL without ``ssl_cert_reqs``; kombu's
+    broker transport takes the same keys (``broker_use_ssl``, ``redis_backend_use_ssl``).
+    """
+    if not url or not url.startswith("rediss://"):
+        return None
+    import ssl
+
+    reqs = os.environ.get("GRACEQ_BROKER_CERT_REQS", "required").strip().lower()
+    levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    if reqs not in levels:
+        raise ValueError(f"GRACEQ_BROKER_CERT_REQS={reqs!r}: use required, optional or none")
+    options: dict = {"ssl_cert_reqs": levels[reqs]}
+    for env, key in (("GRACEQ_BROKER_CA", "ssl_ca_certs"), ("GRACEQ_BROKER_CERT", "ssl_certfile"),
+                     ("GRACEQ_BROKER_KEY", "ssl_keyfile")):
+        value = os.environ.get(env)
+        if value:
+            if not Path(value).expanduser().is_file():
+                raise ValueError(f"{env}={value}: no such file")
+            options[key] = str(Path(value).expanduser())
+    return options
 
 
 def configure(broker_url: str | None = None, embedded_dir: str | Path | None = None) -> str:
@@ -91,11 +122,14 @@ def configure(broker_url: str | None = None, embedded_dir: str | Path | None = N
     )
     if broker_url:
         options = {"visibility_timeout": visibility_s}
+        backend = os.environ.get("GRACEQ_RESULT_BACKEND", broker_url)
         conf.update(
             broker_url=broker_url,
-            result_backend=os.environ.get("GRACEQ_RESULT_BACKEND", broker_url),
+            result_backend=backend,
             broker_transport_options=options,
             result_backend_transport_options=options,
+            broker_use_ssl=tls_options(broker_url),
+            redis_backend_use_ssl=tls_options(backend),
         )
         mode = "redis" if broker_url.startswith("redis") else "broker"
     elif embedded_dir:

@@ -64,6 +64,77 @@ def override_options(func):
     return func
 
 
+def broker_options(func):
+    """--broker URL / --broker-file PATH: where the broker URL (with its password) comes from."""
+    func = click.option("--broker-file", envvar="GRACEQ_BROKER_FILE", type=click.Path(dir_okay=False),
+                        help="read the broker URL from the first line of this file (mode 600; GRACEQ_BROKER_FILE)")(func)
+    return click.option("--broker", envvar="GRACEQ_BROKER_URL",
+                        help="redis://... or rediss://...; better from GRACEQ_BROKER_URL or --broker-file, "
+                             "since a command line is visible to every user (ps)")(func)
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return False
+
+
+def broker_url(broker: str | None, broker_file: str | None, required: bool = False,
+               hide: bool = False) -> str | None:
+    """The broker URL from --broker, --broker-file or the environment, never echoed.
+
+    First --broker-file on the command line, then --broker (command line, then GRACEQ_BROKER_URL),
+    then GRACEQ_BROKER_FILE. A URL with a password given on the command line is warned about; with
+    ``hide``, a long-running command then re-executes itself with the URL in its environment
+    instead, so that `ps` does not show the password for the whole run.
+    """
+    ctx = click.get_current_context()
+    from click.core import ParameterSource
+
+    on_line = ctx.get_parameter_source("broker") == ParameterSource.COMMANDLINE
+    file_on_line = ctx.get_parameter_source("broker_file") == ParameterSource.COMMANDLINE
+    url = broker
+    if broker_file and (file_on_line or not broker):
+        path = Path(broker_file).expanduser()
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise click.ClickException(f"--broker-file {path}: cannot read it ({exc})") from None
+        if not lines:
+            raise click.ClickException(f"--broker-file {path}: the file is empty; write the broker URL on its first line")
+        if path.stat().st_mode & 0o077:
+            click.echo(f"warning: {path} holds the broker URL and is readable by other users; chmod 600 {path}",
+                       err=True)
+        url, on_line = lines[0], False
+    if required and not url:
+        raise click.ClickException("no broker: pass --broker-file PATH or set GRACEQ_BROKER_URL (redis://...)")
+    if url and on_line and _has_password(url):
+        click.echo("warning: the broker password on the command line is visible to every user of this machine "
+                   "(ps); use --broker-file PATH (mode 600) or GRACEQ_BROKER_URL", err=True)
+        if hide:
+            _reexec_without_broker(url)
+    return url or None
+
+
+def _reexec_without_broker(url: str) -> None:
+    """Run this same command again with the broker URL in the environment instead of argv."""
+    rest, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--broker":
+            skip = True
+        elif not arg.startswith("--broker="):
+            rest.append(arg)
+    if len(rest) == len(sys.argv) - 1:  # not this process's own command line (called from Python)
+        return
+    os.environ["GRACEQ_BROKER_URL"] = url
+    os.execv(sys.executable, [sys.executable, "-m", "graceq.cli", *rest])
+
+
 @main.command()
 @click.argument("campaign_dir", type=click.Path(file_okay=False))
 @click.option("--settings", "settings_file", required=True, type=click.Path(dir_okay=False),
@@ -83,17 +154,20 @@ def init(campaign_dir, settings_file, **overrides) -> None:
 @click.argument("campaign_dir", type=click.Path(file_okay=False))
 @click.option("--settings", "settings_file", type=click.Path(dir_okay=False),
               help="create the campaign from these settings if the directory has none")
-@click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
+@broker_options
 @click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
 @click.option("--risk", type=float, help="a new stated risk to stop at (lower: an existing campaign goes on past its stop)")
 @click.option("--p-conv-target", type=float, help='a new p_conv target (stop_rule "p_conv"; an existing campaign goes on)')
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @override_options
 @_user_errors
-def run(campaign_dir, settings_file, broker, max_iterations, risk, p_conv_target, quiet, **overrides) -> None:
+def run(campaign_dir, settings_file, broker, broker_file, max_iterations, risk, p_conv_target, quiet,
+        **overrides) -> None:
     """Run or resume the campaign until its stopping rule holds (or the budget/pool runs out)."""
     from graceq.coordinator import Coordinator, init_campaign
     from graceq.store import CampaignPaths
+
+    broker = broker_url(broker, broker_file, hide=True)
 
     paths = CampaignPaths(campaign_dir)
     if not paths.state.exists():
@@ -164,41 +238,91 @@ def report(campaign_dir) -> None:
 @click.option("--queues", "-Q", default=QUEUE_NAMES, show_default=True, help="queues this pool consumes")
 @click.option("--concurrency", "-c", type=int, default=None, help="processes (default: cores)")
 @click.option("--name", "-n", default=None, help="worker name (default: graceq-<queues>@host)")
-@click.option("--broker", envvar="GRACEQ_BROKER_URL", required=True, help="redis://... (GRACEQ_BROKER_URL)")
+@broker_options
+@click.option("--campaign-root", "campaign_roots", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="serve only campaigns under this folder (repeatable; GRACEQ_CAMPAIGN_ROOTS, os.pathsep-separated)")
+@click.option("--allow-code", is_flag=True, envvar="GRACEQ_ALLOW_SETTINGS_CODE",
+              help="let settings files name code (module:Class engines and calculators, programs): every "
+                   "campaign author can then run code as this worker's user")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(queues, concurrency, name, broker, loglevel, celery_args) -> None:
-    """Start a worker pool that joins every campaign on the broker (any node)."""
+def worker(queues, concurrency, name, broker, broker_file, campaign_roots, allow_code, loglevel, celery_args) -> None:
+    """Start a worker pool that joins every campaign on the broker (any node).
+
+    The worker serves campaigns under its --campaign-root folders only (all, when none is given)
+    and refuses settings files that name code unless --allow-code (README, "Security model").
+    """
     from graceq.coordinator import worker_command
 
+    url = broker_url(broker, broker_file, required=True)
     concurrency = concurrency or os.cpu_count() or 1
     name = name or f"graceq-{queues.replace(',', '-')}-{os.getpid()}@%h"
-    os.environ["GRACEQ_BROKER_URL"] = broker
+    os.environ["GRACEQ_BROKER_URL"] = url  # the celery command line carries no URL: `ps` shows no password
+    os.environ.pop("GRACEQ_EMBEDDED_DIR", None)
+    if campaign_roots:
+        os.environ["GRACEQ_CAMPAIGN_ROOTS"] = os.pathsep.join(str(Path(r).resolve()) for r in campaign_roots)
+    os.environ["GRACEQ_ALLOW_SETTINGS_CODE"] = "1" if allow_code else "0"
     cmd = worker_command(queues, concurrency, name, loglevel) + list(celery_args)
     os.execv(cmd[0], cmd)
 
 
+#: Flower options that graceq sets itself, or that would put a secret on the command line
+_FLOWER_OWN = {"address": "--address", "port": "--port", "basic-auth": "GRACEQ_FLOWER_BASIC_AUTH",
+               "broker": "--broker-file or GRACEQ_BROKER_URL", "broker-api": "nothing (it holds a password; graceq's brokers need no broker API)"}
+
+
+def _local_address(address: str) -> bool:
+    import ipaddress
+
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--broker", envvar="GRACEQ_BROKER_URL", required=True, help="redis://... (GRACEQ_BROKER_URL)")
+@broker_options
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="listen address")
 @click.option("--persistent-db", type=click.Path(dir_okay=False), default=None,
               help="keep task history in this file (Flower --persistent)")
+@click.option("--metrics-public", is_flag=True, help="serve /metrics without authentication (Prometheus scrapers)")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower(broker, port, address, persistent_db, flower_args) -> None:
-    """Start Flower on the graceq app. Basic auth from GRACEQ_FLOWER_BASIC_AUTH=user:password."""
-    os.environ["GRACEQ_BROKER_URL"] = broker
-    cmd = [sys.executable, "-m", "celery", "-A", "graceq.app", "flower", f"--port={port}", f"--address={address}"]
+def flower(broker, broker_file, port, address, persistent_db, metrics_public, flower_args) -> None:
+    """Start Flower on the graceq app. Basic auth from GRACEQ_FLOWER_BASIC_AUTH=user:password.
+
+    Without basic auth Flower listens on the loopback interface only; /metrics asks for the same
+    authentication as the rest unless --metrics-public. Flower gets no message-signing key: tasks
+    sent from its API are refused by workers that require signatures.
+    """
+    for arg in flower_args:
+        option = arg.lstrip("-").partition("=")[0].replace("_", "-").lower()
+        if arg.startswith("-") and option in _FLOWER_OWN:
+            raise click.ClickException(
+                f"graceq flower: pass {option} as {_FLOWER_OWN[option]}, not to Flower directly ({arg.partition('=')[0]})"
+            )
+    os.environ["GRACEQ_BROKER_URL"] = broker_url(broker, broker_file, required=True)
+    for secret in ("GRACEQ_SIGNING_KEY", "GRACEQ_SIGNING_KEY_FILE"):
+        os.environ.pop(secret, None)
+    os.environ.pop("FLOWER_ADDRESS", None)
     auth = os.environ.get("GRACEQ_FLOWER_BASIC_AUTH")
     if auth:
         os.environ["FLOWER_BASIC_AUTH"] = auth  # from the environment: never on the command line
-    elif address not in ("127.0.0.1", "localhost", "::1"):
+    elif os.environ.get("FLOWER_BASIC_AUTH"):
+        pass
+    elif not _local_address(address):
         raise click.ClickException(
-            f"Flower would listen on {address} without authentication: set GRACEQ_FLOWER_BASIC_AUTH=user:password"
+            f"Flower would listen on {address or 'every address'} without authentication: "
+            "set GRACEQ_FLOWER_BASIC_AUTH=user:password"
         )
+    args = [f"--port={port}", f"--address={address}"]
     if persistent_db:
-        cmd += ["--persistent=True", f"--db={persistent_db}"]
-    cmd += list(flower_args)
+        args += ["--persistent=True", f"--db={persistent_db}"]
+    args += list(flower_args)
+    cmd = [sys.executable, "-c", "import sys; from graceq.trust import run_flower; "
+           f"run_flower(sys.argv[1:], metrics_public={bool(metrics_public)})", *args]
     os.execv(cmd[0], cmd)
 
 
@@ -241,13 +365,15 @@ def demo_settings(folder: Path):
 @main.command()
 @click.argument("campaign_dir", type=click.Path(file_okay=False), default="graceq-demo")
 @click.option("--fresh", is_flag=True, help="delete an earlier demo campaign in that directory first")
-@click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
+@broker_options
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @_user_errors
-def demo(campaign_dir, fresh, broker, quiet) -> None:
+def demo(campaign_dir, fresh, broker, broker_file, quiet) -> None:
     """A complete replay campaign on the bundled ROY-264 landscape (Beran et al. 2022)."""
     from graceq.coordinator import Coordinator, init_campaign
     from graceq.store import CampaignPaths
+
+    broker = broker_url(broker, broker_file, hide=True)
 
     root = Path(campaign_dir)
     if fresh and root.exists():

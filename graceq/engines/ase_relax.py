@@ -3,10 +3,12 @@
 Settings (the campaign's ``[engine]`` table):
 
 ``calculator``
-    a short name ("gfnff", "tblite", "vasp", "espresso", "cp2k", "dftb", "emt"), or an importable
-    dotted path to a Calculator class ("ase.calculators.vasp.Vasp" or "pkg.module:Class").
+    a short name ("gfnff", "tblite", "vasp", "espresso", "cp2k", "dftb", "emt"), an ASE calculator
+    class ("ase.calculators.vasp.Vasp"), a package's entry point (group ``graceq.calculators``),
+    or, where the worker's operator allows settings code, any dotted path ("pkg.module:Class").
 ``calculator_parameters``
-    dict of keyword arguments for the calculator (e.g. VASP's ``xc``, ``encut``).
+    dict of keyword arguments for the calculator (e.g. VASP's ``xc``, ``encut``); ``command``,
+    ``directory`` and other program or path keys (``CODE_PARAMETERS``) only with settings code.
 ``optimizer``
     a name in ``ase.optimize`` ("BFGS" default, "FIRE", "LBFGS", "BFGSLineSearch", ...);
     ``optimizer_parameters`` is passed on to it (e.g. ``maxstep``).
@@ -74,15 +76,42 @@ class _HeartbeatStop(Exception):
         self.original = original
 
 
-def resolve_calculator(spec) -> type:
+#: calculator parameters that name a program to run or a place to write: code, not a setting
+#: (ASE's FileIOCalculator runs ``command`` through a shell; ``profile`` carries a command too)
+CODE_PARAMETERS = frozenset({"command", "profile", "directory", "label", "txt", "executable", "exe",
+                             "cmd", "binary", "launcher", "mpi_command", "prefix_command"})
+
+
+def _is_ase_calculator(module_name: str) -> bool:
+    return module_name == "ase.calculators" or module_name.startswith("ase.calculators.")
+
+
+def resolve_calculator(spec, allow_code: bool | None = None) -> type:
     """Return the Calculator class for a short name, "pkg.module.Class" or "pkg.module:Class".
 
-    A class or other callable is returned as is. Raises ValueError naming what to install.
+    Registered without asking: graceq's short names (``CALCULATORS``), ASE's own calculator classes
+    by path ("ase.calculators.lj.LennardJones"), and entry points of installed packages in the
+    group ``graceq.calculators``. Any other path is code from the settings file and loads only when
+    settings code is allowed (``allow_code``, default :func:`graceq.trust.settings_code_allowed`),
+    else :class:`graceq.trust.CodeNotAllowed`. A class or other callable given from Python is
+    returned as is. Raises ValueError naming what to install.
     """
+    from graceq.trust import code_refusal, settings_code_allowed
+
     if not isinstance(spec, str):
         if callable(spec):
             return spec
         raise ValueError(f"engine 'ase': calculator must be a name or a dotted path, got {spec!r}")
+    if spec.lower() not in CALCULATORS:
+        from graceq.engines import CALCULATOR_GROUP, registered
+
+        plugins = registered(CALCULATOR_GROUP)
+        if spec in plugins:
+            try:
+                return plugins[spec].load()
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"engine 'ase': calculator {spec!r}: its entry point {plugins[spec].value} "
+                                 f"cannot be loaded ({exc})") from exc
     target = CALCULATORS.get(spec.lower(), spec)
     if ":" in target:
         module_name, _, attr = target.partition(":")
@@ -93,6 +122,15 @@ def resolve_calculator(spec) -> type:
             f"engine 'ase': unknown calculator {spec!r}; use one of {', '.join(CALCULATORS)} or an "
             "importable dotted path such as 'ase.calculators.vasp.Vasp'"
         )
+    registry = spec.lower() in CALCULATORS
+    ase_own = not registry and _is_ase_calculator(module_name) and "." not in attr
+    if not (registry or ase_own or (settings_code_allowed() if allow_code is None else allow_code)):
+        raise code_refusal(
+            f"engine 'ase': calculator {spec!r}",
+            "Use a short name (" + ", ".join(CALCULATORS) + "), an ASE calculator class "
+            "('ase.calculators.vasp.Vasp'), or install it as a package with an entry point in the "
+            "group 'graceq.calculators'. ",
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -102,9 +140,35 @@ def resolve_calculator(spec) -> type:
             f"imported here ({exc}); install it (pip install {package}) on every dft worker"
         ) from exc
     try:
-        return getattr(module, attr)
+        cls = getattr(module, attr)
     except AttributeError:
         raise ValueError(f"engine 'ase': module {module_name!r} has no calculator {attr!r}") from None
+    if ase_own:
+        from ase.calculators.calculator import BaseCalculator
+
+        if not (isinstance(cls, type) and issubclass(cls, BaseCalculator)):
+            raise code_refusal(f"engine 'ase': calculator {spec!r} is not an ASE calculator class")
+    return cls
+
+
+def check_calculator_parameters(parameters: dict[str, Any], allow_code: bool | None = None) -> None:
+    """Refuse calculator parameters that name a program or a path (``CODE_PARAMETERS``) unless code is allowed.
+
+    A FileIOCalculator (VASP, CP2K, DFTB+ ...) runs its ``command`` through a shell: on a worker
+    that runs no settings code, the program comes from the operator's ASE configuration
+    (``ASE_VASP_COMMAND``, ``~/.config/ase/config.ini``), and graceq chooses the directory.
+    """
+    from graceq.trust import code_refusal, settings_code_allowed
+
+    if settings_code_allowed() if allow_code is None else allow_code:
+        return
+    named = sorted(k for k in parameters if str(k).lower() in CODE_PARAMETERS or str(k).lower().endswith("command"))
+    if named:
+        raise code_refusal(
+            f"engine 'ase': calculator_parameters {', '.join(named)}",
+            "Programs and directories come from the worker operator's ASE configuration "
+            "(e.g. ASE_VASP_COMMAND, ~/.config/ase/config.ini) when settings code is off. ",
+        )
 
 
 def _accepts(callable_, keyword: str) -> bool:
@@ -161,6 +225,7 @@ class AseRelaxEngine(ReferenceEngine):
         import ase.optimize
 
         self._calculator_class = resolve_calculator(self.calculator)
+        check_calculator_parameters(self.calculator_parameters)
         opt = getattr(ase.optimize, self.optimizer, None)
         if not (isinstance(opt, type) and issubclass(opt, ase.optimize.optimize.Optimizer)):
             known = sorted(n for n, v in vars(ase.optimize).items()
