@@ -26,10 +26,12 @@ def _user_errors(func):
         from graceq.campaign import CampaignError
         from graceq.coordinator import TaskError
         from graceq.io import InputError
+        from graceq.lock import CampaignLocked, LeaseLost
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError) as exc:
+        except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError,
+                CampaignLocked, LeaseLost) as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
@@ -140,6 +142,42 @@ def status(campaign_dir) -> None:
     from graceq.report import status_lines
 
     click.echo("\n".join(status_lines(campaign_dir)))
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--state", type=click.Choice(["waiting", "queued", "running", "submitted", "converged", "unstable",
+                                            "failed"]), help="only the jobs in this state")
+@_user_errors
+def jobs(campaign_dir, state) -> None:
+    """Each reference job: state, attempts, worker host, start, run time, outcome, log (read-only)."""
+    from graceq.jobs import job_lines, job_table
+
+    table = [j for j in job_table(campaign_dir) if state is None or j.state == state]
+    if not table:
+        click.echo(f"no reference job{' in state ' + state if state else ''} yet")
+        return
+    click.echo("\n".join(job_lines(table)))
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("names", nargs=-1)
+@click.option("--failed", is_flag=True, help="every failed job")
+@_user_errors
+def retry(campaign_dir, names, failed) -> None:
+    """Send failed reference jobs again at the next `graceq run` (the decisions taken stay as they were)."""
+    from graceq.jobs import RetryError, retry as retry_jobs
+
+    try:
+        done = retry_jobs(campaign_dir, list(names), failed=failed)
+    except RetryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not done:
+        click.echo("no failed job to send again")
+        return
+    click.echo(f"{len(done)} job{'s' if len(done) > 1 else ''} will be sent again by the next "
+               f"`graceq run {campaign_dir}`: {', '.join(done)}")
 
 
 @main.command()

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from graceq import campaign as cp
 from graceq.config import ConfigError, Settings, load_settings, write_settings
+from graceq.lock import CoordinatorLock
 from graceq.store import CampaignPaths, CampaignStore, atomic_save_npy, atomic_save_npz, error_file
 
 log = logging.getLogger("graceq.coordinator")
@@ -171,6 +172,7 @@ class Coordinator:
         s = self.store.structures()
         self.names, self.n_atoms, self.energy_ff = s["name"], s["n_atoms"], s["energy_ff"]
         self.workers: EmbeddedWorkers | None = None
+        self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
@@ -213,6 +215,7 @@ class Coordinator:
         from graceq import tasks
 
         if not self.paths.features.exists():
+            self.lock.set_stage("featurizing the pool")
             d = self.settings.descriptor
             n = len(self.names)
             if not self.paths.projection.exists():
@@ -257,6 +260,7 @@ class Coordinator:
         from graceq import tasks
 
         rt = self.settings.runtime
+        self.lock.set_stage(f"iteration {iteration}: reference jobs")
         done = self.store.results()
         pending = [i for i in batch if i not in done]
         outputs = {i: self.paths.result(i) for i in pending}
@@ -342,6 +346,7 @@ class Coordinator:
         from graceq import tasks
         from graceq.model import CommitteeRidge
 
+        self.lock.set_stage(f"iteration {iteration}: fitting the committee")
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
         if not (folder / "train.npz").exists():
@@ -376,6 +381,7 @@ class Coordinator:
         from graceq import app as app_module
         from graceq.report import write_summary
 
+        self.lock.acquire()  # raises CampaignLocked while another coordinator runs this campaign
         if self.broker_url:
             mode = app_module.configure(broker_url=self.broker_url)
         else:
@@ -389,6 +395,7 @@ class Coordinator:
             if self.workers is not None:
                 self.workers.__exit__(None, None, None)
                 self.workers = None
+            self.lock.release()
 
     def _loop(self, write_summary) -> dict:
         features = self.ensure_features()
@@ -401,12 +408,17 @@ class Coordinator:
         while True:
             iteration = self.store.last_pick_iteration()
             finished = {it["iteration"]: it for it in self.store.iterations()}
-            if iteration in finished and cp.stop_holds(finished[iteration], self.settings, len(self.names)):
+            results = self.store.results()  # picks of decided iterations without one: undone by `graceq retry`
+            retried = [idx for idx, it in self.store.picks()
+                       if idx not in results and (it < iteration or iteration in finished)]
+            if iteration in finished and not retried and cp.stop_holds(finished[iteration], self.settings,
+                                                                       len(self.names)):
                 break  # a stop that the current settings keep; a lifted one re-decides this iteration
-            batch = [idx for idx, it in self.store.picks() if it == iteration]
+            batch = [idx for idx, it in self.store.picks() if it == iteration and idx not in retried] + retried
             self.run_reference_jobs(batch, iteration)
             view = self.view()
             model = self.fit_committee(view, features, iteration)
+            self.lock.set_stage(f"iteration {iteration}: selecting the next batch")
             decision = cp.decide(view, model, features, self.settings, iteration)
             atomic_save_npz(self.paths.iteration(iteration) / "predictions.npz", mu=decision.mu,
                             sigma=decision.sigma, ei=decision.ei, picks=decision.picks, pick_ei=decision.pick_ei)

@@ -107,6 +107,9 @@ def write_summary(root: str | Path) -> dict:
 
 def status_lines(root: str | Path) -> list[str]:
     """A short human summary of where a campaign stands (for `graceq status`)."""
+    from graceq.jobs import in_flight_lines
+    from graceq.lock import coordinator_alive, coordinator_lines
+
     paths = CampaignPaths(root)
     store = CampaignStore(paths.root)
     settings = load_settings(paths.settings)
@@ -120,10 +123,12 @@ def status_lines(root: str | Path) -> list[str]:
     queued = sum(1 for idx, _ in picks if idx not in results) - len(running)
     unit = settings.campaign.unit
     lines = [f"campaign   {paths.root}", f"pool       {store.n_structures()} structures"]
+    lines += coordinator_lines(paths.root)
     if iterations:
         it = iterations[-1]
+        going = "running" if coordinator_alive(paths.root) else "paused: no coordinator runs it"
         lines += [
-            f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else 'running'})",
+            f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else going})",
             f"p_conv     {it['p_conv']:.4f}   residual {it['residual']:.2f} structures",
             f"best       {it['best']:.3f} {unit}/molecule; {it['n_measured']} measured within "
             f"{settings.campaign.window} {unit}/molecule",
@@ -136,6 +141,7 @@ def status_lines(root: str | Path) -> list[str]:
     n_failed = sum(1 for s, _ in results.values() if s == "failed")
     lines.append(f"sampled    {len(picks)} picked, {len(results)} done ({n_unstable} unstable, {n_failed} failed)")
     lines.append(f"reference  {len(running)} running, {queued} waiting")
+    lines += in_flight_lines(paths.root)
     store.close()
     return lines
 
