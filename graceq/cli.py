@@ -33,6 +33,10 @@ def _user_errors(func):
         except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError,
                 CampaignLocked, LeaseLost) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # e.g. a campaign directory below a regular file, no permission
+            raise click.ClickException(
+                f"{exc.filename or ''}: {exc.strerror or exc} (check that every folder of this path is a "
+                "directory you can write to)") from None
 
     return wrapper
 
@@ -103,15 +107,19 @@ def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quie
         changes = _overrides(**overrides)
         changes["campaign"]["p_conv_target"] = p_conv_target
         init_campaign(load_settings(settings_file, changes), campaign_dir, source=settings_file)
-    elif fixed := sorted(k for k, v in overrides.items() if v is not None and k != "budget"):
+    elif fixed := sorted(k for k, v in overrides.items() if v is not None and k not in ("budget", "n_init")):
         raise click.ClickException(
             f"{campaign_dir}: --{', --'.join(k.replace('_', '-') for k in fixed)} cannot change once a "
-            "campaign has started (its decisions depend on them); only --p-conv-target and --budget can"
+            "campaign has started (its decisions depend on them); only --p-conv-target, --budget and "
+            "(before the first fit) a larger --n-init can"
         )
-    elif p_conv_target is not None or overrides.get("budget") is not None:
+    elif p_conv_target is not None or overrides.get("budget") is not None or overrides.get("n_init") is not None:
         # only the stopping rule may change mid-campaign: the decisions so far stay as they were
         data = load_settings(paths.settings).model_dump()
-        for key, value in (("p_conv_target", p_conv_target), ("budget", overrides.get("budget"))):
+        if overrides.get("n_init") is not None:
+            _check_raised_n_init(paths, data["campaign"]["n_init"], overrides["n_init"])
+        for key, value in (("p_conv_target", p_conv_target), ("budget", overrides.get("budget")),
+                           ("n_init", overrides.get("n_init"))):
             if value is not None:
                 data["campaign"][key] = value
         write_settings(settings_from_dict(data, source=f"{paths.settings} with the new stopping rule"),
@@ -119,6 +127,30 @@ def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quie
     summary = Coordinator(campaign_dir, broker_url=broker or None, progress=not quiet,
                           max_iterations=max_iterations).run()
     _print_summary(summary)
+
+
+def _check_raised_n_init(paths, old: int, new: int) -> None:
+    """A larger n_init is allowed until the first batch was fitted (its extra picks join that batch)."""
+    from graceq.config import load_settings as _load
+    from graceq.io import check_pool_fits_settings
+    from graceq.store import CampaignStore
+
+    store = CampaignStore(paths.root)
+    try:
+        decided = store.iterations()
+        n_pool = store.n_structures()
+    finally:
+        store.close()
+    if new < old:
+        raise click.ClickException(f"{paths.root}: --n-init {new} is smaller than the campaign's n_init {old}; "
+                                   "structures already picked stay picked, so n_init can only be raised")
+    if decided:
+        raise click.ClickException(
+            f"{paths.root}: --n-init cannot change any more: the committee was fitted on the initial batch "
+            f"and iteration {decided[-1]['iteration']} decided on it (only --p-conv-target and --budget can change)")
+    settings = _load(paths.settings)
+    settings.campaign.n_init = new
+    check_pool_fits_settings(n_pool, settings, f"--n-init {new}")
 
 
 def _print_summary(summary: dict) -> None:

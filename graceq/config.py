@@ -6,6 +6,7 @@ molecule, as CSP papers quote it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -137,6 +138,9 @@ def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None 
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: settings file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                          "save the settings as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
@@ -144,8 +148,33 @@ def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None 
     settings = settings_from_dict(data, source=str(path))
     pool = Path(settings.campaign.pool).expanduser()
     if not pool.is_absolute():
-        settings.campaign.pool = str((path.parent / pool).resolve())
+        try:
+            settings.campaign.pool = str((path.parent / pool).resolve())
+        except (RuntimeError, OSError):  # a loop of symbolic links: graceq.io.read_pool says so
+            settings.campaign.pool = str(Path(os.path.abspath(path.parent / pool)))
     return settings
+
+
+def _unknown_key(loc: tuple) -> str:
+    """'[campaign] n_int is not a setting; did you mean n_init? Valid keys: ...' (difflib)."""
+    import difflib
+
+    model, where = Settings, []
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+        where.append(str(part))
+    key = str(loc[-1])
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    section = f"[{'.'.join(where)}] " if where else "top level: "
+    kind = "section" if not where else "setting"
+    return (f"{section}{key!r} is not a {kind}"
+            + (f"; did you mean {close[0]!r}?" if close else ".")
+            + f" Valid {'sections' if not where else 'keys'}: {', '.join(valid)}")
 
 
 def settings_from_dict(data: dict[str, Any], source: str = "<settings>") -> Settings:
@@ -154,7 +183,9 @@ def settings_from_dict(data: dict[str, Any], source: str = "<settings>") -> Sett
         return Settings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"[{'.'.join(str(p) for p in err['loc'])}] {err['msg']}" for err in exc.errors()
+            _unknown_key(tuple(err["loc"])) if err["type"] == "extra_forbidden"
+            else f"[{'.'.join(str(p) for p in err['loc'])}] {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"{source}: invalid settings: {problems}") from None
 

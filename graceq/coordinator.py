@@ -44,7 +44,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     """
     from graceq.engines import make_engine
     from graceq.features import species_of
-    from graceq.io import read_pool, write_pool_db
+    from graceq.io import check_pool_fits_settings, read_pool, write_pool_db, write_pool_notes
 
     paths = CampaignPaths(campaign_dir)
     if paths.state.exists() and CampaignStore(paths.root).n_structures() > 0:
@@ -54,6 +54,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
         c.pool, c.unit, energy_key=c.energy_key, name_key=c.name_key, energies_csv=c.energies_csv,
         atoms_per_molecule=c.atoms_per_molecule, on_bad_molecule=c.on_bad_molecule,
     )
+    check_pool_fits_settings(len(pool), settings, source)
     try:  # a calculator that cannot be loaded, a missing replay source: stop before any work
         make_engine(settings.engine.model_dump(), c.unit, pool.source)
     except (ValueError, ImportError, OSError) as exc:
@@ -62,6 +63,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     paths.root.mkdir(parents=True, exist_ok=True)
     write_settings(settings, paths.settings)
     write_pool_db(pool, paths.structures)
+    write_pool_notes(pool, paths.root)  # dropped.csv, identical.csv
     species = species_of(pool.frames)
     paths.pool_meta.write_text(json.dumps({
         "source": str(pool.source), "unit": pool.unit, "n_structures": len(pool),
@@ -404,6 +406,14 @@ class Coordinator:
             first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
             with self.store.transaction() as db:
                 self.store.add_picks(db, 0, first.tolist())
+        elif not self.store.iterations() and len(self.store.picks()) < c.n_init:
+            # n_init raised before the first fit (`graceq run --n-init`): farthest point sampling is greedy,
+            # so the larger batch starts with the picks made and goes on as a campaign started with it would
+            first, made = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
+                                           c.n_init).tolist(), [idx for idx, _ in self.store.picks()]
+            with self.store.transaction() as db:
+                db.executemany("INSERT INTO picks(idx, iteration, rank) VALUES (?, 0, ?)",
+                               [(i, rank) for rank, i in enumerate(first) if i not in made])
         done = 0
         while True:
             iteration = self.store.last_pick_iteration()
