@@ -92,7 +92,7 @@ def init(campaign_dir, settings_file, **overrides) -> None:
 @click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
 @click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
 @click.option("--p-conv-target", type=float, help="a new stopping target (an existing campaign goes on past its stop)")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--quiet", is_flag=True, help="no progress bars (the per-iteration lines stay)")
 @override_options
 @_user_errors
 def run(campaign_dir, settings_file, broker, max_iterations, p_conv_target, quiet, **overrides) -> None:
@@ -155,6 +155,11 @@ def _check_raised_n_init(paths, old: int, new: int) -> None:
 
 def _print_summary(summary: dict) -> None:
     unit = summary["unit"]
+    if not summary["iterations"]:
+        click.echo(f"\n{summary['n_reference_calls']} reference calls of {summary['n_pool']} structures so far; "
+                   "no iteration has finished yet, so there is no best energy, p_conv or window yet "
+                   f"(`graceq run {summary['campaign']}` goes on)")
+        return
     click.echo(
         f"\n{summary['n_reference_calls']} reference calls of {summary['n_pool']} structures "
         f"({summary['n_unstable']} unstable, {summary['n_failed']} failed); stop: {summary['stop']}; "
@@ -305,11 +310,23 @@ def demo_settings(folder: Path):
     return settings
 
 
+def _stopped(root: Path) -> str | None:
+    """The stop reason of a campaign's newest iteration, or None while it goes on."""
+    from graceq.store import CampaignStore
+
+    store = CampaignStore(root)
+    try:
+        iterations = store.iterations()
+    finally:
+        store.close()
+    return iterations[-1].get("stop") if iterations else None
+
+
 @main.command()
 @click.argument("campaign_dir", type=click.Path(file_okay=False), default="graceq-demo")
 @click.option("--fresh", is_flag=True, help="delete an earlier demo campaign in that directory first")
 @click.option("--broker", envvar="GRACEQ_BROKER_URL", help="redis://... (default: embedded, no server)")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--quiet", is_flag=True, help="no progress bars (the per-iteration lines stay)")
 @_user_errors
 def demo(campaign_dir, fresh, broker, quiet) -> None:
     """A complete replay campaign on the bundled ROY-264 landscape (Beran et al. 2022)."""
@@ -324,6 +341,11 @@ def demo(campaign_dir, fresh, broker, quiet) -> None:
         write_settings(settings, root / "input" / "settings.toml")
         init_campaign(settings, root)
         click.echo(f"ROY-264 demo: 264 structures, window 5 kJ/mol per molecule, replay engine -> {root}")
+    elif (stop := _stopped(root)) is not None:
+        click.echo(f"{root}: this demo campaign finished earlier (stop: {stop}); reprinting its result. "
+                   f"`graceq demo --fresh` starts afresh.")
+    else:
+        click.echo(f"{root}: resuming the earlier demo campaign (`graceq demo --fresh` starts afresh)")
     summary = Coordinator(root, broker_url=broker or None, progress=not quiet).run()
     from graceq import report as report_module
 

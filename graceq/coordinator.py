@@ -178,13 +178,12 @@ class Coordinator:
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True,
-                    mininterval=0.5)
+        return tqdm(total=total, desc=desc, disable=None if self.progress else True,  # None: bars on a TTY only
+                    leave=False, dynamic_ncols=True, mininterval=0.5)
 
     def _say(self, message: str) -> None:
         log.info(message)
-        if self.progress:
-            tqdm.write(message)
+        tqdm.write(message)  # also with --quiet (no bars) and into a log file: these lines are the record
 
     def _wait_files(self, outputs: dict, desc: str, on_ready=None, on_idle=None) -> None:
         """Wait until every output file exists; a worker's error file stops the campaign."""
@@ -400,6 +399,8 @@ class Coordinator:
             self.lock.release()
 
     def _loop(self, write_summary) -> dict:
+        if (resumed := self.store.last_pick_iteration()) is not None:
+            self._say(f"resuming at iteration {resumed} ({len(self.store.results())} reference results stored)")
         features = self.ensure_features()
         c = self.settings.campaign
         if self.store.last_pick_iteration() is None:
@@ -423,6 +424,7 @@ class Coordinator:
                        if idx not in results and (it < iteration or iteration in finished)]
             if iteration in finished and not retried and cp.stop_holds(finished[iteration], self.settings,
                                                                        len(self.names)):
+                self._say(f"iteration {iteration} stopped earlier ({finished[iteration]['stop']}): nothing to do")
                 break  # a stop that the current settings keep; a lifted one re-decides this iteration
             batch = [idx for idx, it in self.store.picks() if it == iteration and idx not in retried] + retried
             self.run_reference_jobs(batch, iteration)
@@ -439,7 +441,8 @@ class Coordinator:
                                          decision.mu[decision.picks], decision.sigma[decision.picks])
             s = decision.stats
             self._say(
-                f"iteration {iteration:3d}: {s['n_reference_calls']:4d} reference calls, best {s['best']:.3f}, "
+                f"iteration {iteration:3d}: {s['n_reference_calls']:4d} reference calls, "
+                f"best {s['best']:.3f} {c.unit}/molecule, "
                 f"p_conv {s['p_conv']:.3f}, residual {s['residual']:.2f}, test RMSE {s['test_rmse']:.3f} "
                 f"{c.unit}/molecule, lambda {s['lambda']:.1e}, alpha {s['alpha']:.2f}"
                 + (f" -> stop: {s['stop']}" if s["stop"] else f" -> {s['n_next']} next")

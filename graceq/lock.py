@@ -97,7 +97,8 @@ class Holder:
         return True
 
     def describe(self) -> str:
-        return f"PID {self.pid} on {self.host}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"PID {self.pid} on {self.host}, started {started}"
 
 
 def duration(seconds: float) -> str:
