@@ -310,6 +310,14 @@ def demo_settings(folder: Path):
     return settings
 
 
+@main.command()
+def settings() -> None:
+    """Print every setting (section, key, type, default, meaning) as markdown tables."""
+    from graceq.settings_doc import settings_markdown
+
+    click.echo(settings_markdown(), nl=False)
+
+
 def _stopped(root: Path) -> str | None:
     """The stop reason of a campaign's newest iteration, or None while it goes on."""
     from graceq.store import CampaignStore
