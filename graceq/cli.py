@@ -26,11 +26,17 @@ def _user_errors(func):
         from graceq.campaign import CampaignError
         from graceq.coordinator import TaskError
         from graceq.io import InputError
+        from graceq.lock import CampaignLocked, LeaseLost
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError) as exc:
+        except (ConfigError, InputError, TaskError, CampaignError, FileExistsError, FileNotFoundError,
+                CampaignLocked, LeaseLost) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # e.g. a campaign directory below a regular file, no permission
+            raise click.ClickException(
+                f"{exc.filename or ''}: {exc.strerror or exc} (check that every folder of this path is a "
+                "directory you can write to)") from None
 
     return wrapper
 
@@ -158,7 +164,7 @@ def init(campaign_dir, settings_file, **overrides) -> None:
 @click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
 @click.option("--risk", type=float, help="a new stated risk to stop at (lower: an existing campaign goes on past its stop)")
 @click.option("--p-conv-target", type=float, help='a new p_conv target (stop_rule "p_conv"; an existing campaign goes on)')
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--quiet", is_flag=True, help="no progress bars (the per-iteration lines stay)")
 @override_options
 @_user_errors
 def run(campaign_dir, settings_file, broker, broker_file, max_iterations, risk, p_conv_target, quiet,
@@ -176,15 +182,20 @@ def run(campaign_dir, settings_file, broker, broker_file, max_iterations, risk, 
         changes = _overrides(**overrides)
         changes["campaign"].update(p_conv_target=p_conv_target, risk=risk)
         init_campaign(load_settings(settings_file, changes), campaign_dir, source=settings_file)
-    elif fixed := sorted(k for k, v in overrides.items() if v is not None and k != "budget"):
+    elif fixed := sorted(k for k, v in overrides.items() if v is not None and k not in ("budget", "n_init")):
         raise click.ClickException(
             f"{campaign_dir}: --{', --'.join(k.replace('_', '-') for k in fixed)} cannot change once a "
-            "campaign has started (its decisions depend on them); only --risk, --p-conv-target and --budget can"
+            "campaign has started (its decisions depend on them); only --risk, --p-conv-target, --budget and "
+            "(before the first fit) a larger --n-init can"
         )
-    elif risk is not None or p_conv_target is not None or overrides.get("budget") is not None:
+    elif (risk is not None or p_conv_target is not None or overrides.get("budget") is not None
+          or overrides.get("n_init") is not None):
         # only the stopping rule may change mid-campaign: the decisions so far stay as they were
         data = load_settings(paths.settings).model_dump()
-        for key, value in (("risk", risk), ("p_conv_target", p_conv_target), ("budget", overrides.get("budget"))):
+        if overrides.get("n_init") is not None:
+            _check_raised_n_init(paths, data["campaign"]["n_init"], overrides["n_init"])
+        for key, value in (("risk", risk), ("p_conv_target", p_conv_target), ("budget", overrides.get("budget")),
+                           ("n_init", overrides.get("n_init"))):
             if value is not None:
                 data["campaign"][key] = value
         write_settings(settings_from_dict(data, source=f"{paths.settings} with the new stopping rule"),
@@ -194,8 +205,37 @@ def run(campaign_dir, settings_file, broker, broker_file, max_iterations, risk, 
     _print_summary(summary)
 
 
+def _check_raised_n_init(paths, old: int, new: int) -> None:
+    """A larger n_init is allowed until the first batch was fitted (its extra picks join that batch)."""
+    from graceq.config import load_settings as _load
+    from graceq.io import check_pool_fits_settings
+    from graceq.store import CampaignStore
+
+    store = CampaignStore(paths.root)
+    try:
+        decided = store.iterations()
+        n_pool = store.n_structures()
+    finally:
+        store.close()
+    if new < old:
+        raise click.ClickException(f"{paths.root}: --n-init {new} is smaller than the campaign's n_init {old}; "
+                                   "structures already picked stay picked, so n_init can only be raised")
+    if decided:
+        raise click.ClickException(
+            f"{paths.root}: --n-init cannot change any more: the committee was fitted on the initial batch "
+            f"and iteration {decided[-1]['iteration']} decided on it (only --p-conv-target and --budget can change)")
+    settings = _load(paths.settings)
+    settings.campaign.n_init = new
+    check_pool_fits_settings(n_pool, settings, f"--n-init {new}")
+
+
 def _print_summary(summary: dict) -> None:
     unit = summary["unit"]
+    if not summary["iterations"]:
+        click.echo(f"\n{summary['n_reference_calls']} reference calls of {summary['n_pool']} structures so far; "
+                   "no iteration has finished yet, so there is no best energy, p_conv or window yet "
+                   f"(`graceq run {summary['campaign']}` goes on)")
+        return
     click.echo(
         f"\n{summary['n_reference_calls']} reference calls of {summary['n_pool']} structures "
         f"({summary['n_unstable']} unstable, {summary['n_failed']} failed); stop: {summary['stop']}; "
@@ -217,6 +257,42 @@ def status(campaign_dir) -> None:
     from graceq.report import status_lines
 
     click.echo("\n".join(status_lines(campaign_dir)))
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--state", type=click.Choice(["waiting", "queued", "running", "submitted", "converged", "unstable",
+                                            "failed"]), help="only the jobs in this state")
+@_user_errors
+def jobs(campaign_dir, state) -> None:
+    """Each reference job: state, attempts, worker host, start, run time, outcome, log (read-only)."""
+    from graceq.jobs import job_lines, job_table
+
+    table = [j for j in job_table(campaign_dir) if state is None or j.state == state]
+    if not table:
+        click.echo(f"no reference job{' in state ' + state if state else ''} yet")
+        return
+    click.echo("\n".join(job_lines(table)))
+
+
+@main.command()
+@click.argument("campaign_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("names", nargs=-1)
+@click.option("--failed", is_flag=True, help="every failed job")
+@_user_errors
+def retry(campaign_dir, names, failed) -> None:
+    """Send failed reference jobs again at the next `graceq run` (the decisions taken stay as they were)."""
+    from graceq.jobs import RetryError, retry as retry_jobs
+
+    try:
+        done = retry_jobs(campaign_dir, list(names), failed=failed)
+    except RetryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not done:
+        click.echo("no failed job to send again")
+        return
+    click.echo(f"{len(done)} job{'s' if len(done) > 1 else ''} will be sent again by the next "
+               f"`graceq run {campaign_dir}`: {', '.join(done)}")
 
 
 @main.command()
@@ -363,10 +439,30 @@ def demo_settings(folder: Path):
 
 
 @main.command()
+def settings() -> None:
+    """Print every setting (section, key, type, default, meaning) as markdown tables."""
+    from graceq.settings_doc import settings_markdown
+
+    click.echo(settings_markdown(), nl=False)
+
+
+def _stopped(root: Path) -> str | None:
+    """The stop reason of a campaign's newest iteration, or None while it goes on."""
+    from graceq.store import CampaignStore
+
+    store = CampaignStore(root)
+    try:
+        iterations = store.iterations()
+    finally:
+        store.close()
+    return iterations[-1].get("stop") if iterations else None
+
+
+@main.command()
 @click.argument("campaign_dir", type=click.Path(file_okay=False), default="graceq-demo")
 @click.option("--fresh", is_flag=True, help="delete an earlier demo campaign in that directory first")
 @broker_options
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--quiet", is_flag=True, help="no progress bars (the per-iteration lines stay)")
 @_user_errors
 def demo(campaign_dir, fresh, broker, broker_file, quiet) -> None:
     """A complete replay campaign on the bundled ROY-264 landscape (Beran et al. 2022)."""
@@ -383,6 +479,11 @@ def demo(campaign_dir, fresh, broker, broker_file, quiet) -> None:
         write_settings(settings, root / "input" / "settings.toml")
         init_campaign(settings, root)
         click.echo(f"ROY-264 demo: 264 structures, window 5 kJ/mol per molecule, replay engine -> {root}")
+    elif (stop := _stopped(root)) is not None:
+        click.echo(f"{root}: this demo campaign finished earlier (stop: {stop}); reprinting its result. "
+                   f"`graceq demo --fresh` starts afresh.")
+    else:
+        click.echo(f"{root}: resuming the earlier demo campaign (`graceq demo --fresh` starts afresh)")
     summary = Coordinator(root, broker_url=broker or None, progress=not quiet).run()
     from graceq import report as report_module
 

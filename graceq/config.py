@@ -7,6 +7,7 @@ molecule, as CSP papers quote it.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -65,11 +66,14 @@ class CampaignSection(_Section):
         0, ge=0, description="async mode: results between two full refits of the committee (0: `slots`)",
     )
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
-    energy_key: str = "energy_ff"
-    name_key: str = "name"
+    energy_key: str = Field("energy_ff", description="key of the force-field energy (total per cell, in `unit`) "
+                            "in the pool file, database or CSV")
+    name_key: str = Field("name", description="key of the structure name in the pool (read as text: '007' stays '007')")
     energies_csv: str | None = Field(None, description="CSV name,energy_ff for a VASP directory pool")
     atoms_per_molecule: int | None = Field(None, ge=1, description="atoms per molecule (default: detected)")
-    on_bad_molecule: Literal["error", "skip"] = "error"
+    on_bad_molecule: Literal["error", "skip"] = Field(
+        "error", description="a structure not made of the pool's molecule: stop (error) or drop it (skip; "
+        "listed in the campaign's dropped.csv)")
 
     @field_validator("window")
     @classmethod
@@ -104,25 +108,28 @@ def batch_size(n_batch: int | None, n_pool: int) -> int:
 
 
 class DescriptorSection(_Section):
-    n_max: int = Field(14, ge=1)
-    l_max: int = Field(9, ge=0)
-    cutoff: float = Field(4.5, gt=0, description="Å")
-    smoothing: float = Field(0.5, ge=0, description="Å")
-    gaussian_width: float = Field(0.3, gt=0, description="Å")
-    scaling_rate: float = 1.0
-    scaling_scale: float = Field(3.5, description="Å")
-    scaling_exponent: float = 2.0
-    n_compressed: int = Field(5, ge=1)
+    n_max: int = Field(14, ge=1, description="radial functions of the SOAP density expansion, before compression")
+    l_max: int = Field(9, ge=0, description="largest angular channel of the SOAP expansion")
+    cutoff: float = Field(4.5, gt=0, description="cutoff radius of the atom-centred density, Å")
+    smoothing: float = Field(0.5, ge=0, description="width of the cutoff's smooth step, Å")
+    gaussian_width: float = Field(0.3, gt=0, description="width of the Gaussian on each neighbour, Å")
+    scaling_rate: float = Field(1.0, description="rate of the radial scaling of Willatt et al. (2018)")
+    scaling_scale: float = Field(3.5, description="scale of the radial scaling of Willatt et al. (2018), Å")
+    scaling_exponent: float = Field(2.0, description="exponent of the radial scaling of Willatt et al. (2018)")
+    n_compressed: int = Field(5, ge=1, description="radial functions kept per species and angular channel "
+                              "by the optimal radial basis (Goscinski et al. 2021)")
     fit_sample: int = Field(200, ge=1, description="structures used to fit the radial compression")
     chunk_size: int = Field(32, ge=1, description="structures per featurize task")
 
 
 class ModelSection(_Section):
-    n_members: int = Field(256, ge=4)
-    subsample: float = Field(0.5, gt=0, le=1)
-    cv: int = Field(5, ge=2)
-    alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-10, 2)])
-    train_fraction: float = Field(0.8, gt=0, lt=1)
+    n_members: int = Field(256, ge=4, description="ridge models in the resampling committee")
+    subsample: float = Field(0.5, gt=0, le=1, description="fraction of the train set each member is fitted on")
+    cv: int = Field(5, ge=2, description="folds of the cross-validation that chooses the ridge lambda")
+    alphas: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-10, 2)],
+                                description="ridge lambdas the cross-validation chooses from")
+    train_fraction: float = Field(0.8, gt=0, lt=1, description="oldest fraction of the labelled structures "
+                                  "that trains the committee; the newest rest calibrates it")
     members_per_task: int = Field(64, ge=1, description="committee members fitted by one fit task")
 
 
@@ -169,6 +176,9 @@ def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None 
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: settings file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason}); "
+                          "save the settings as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
@@ -176,8 +186,33 @@ def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None 
     settings = settings_from_dict(data, source=str(path))
     pool = Path(settings.campaign.pool).expanduser()
     if not pool.is_absolute():
-        settings.campaign.pool = str((path.parent / pool).resolve())
+        try:
+            settings.campaign.pool = str((path.parent / pool).resolve())
+        except (RuntimeError, OSError):  # a loop of symbolic links: graceq.io.read_pool says so
+            settings.campaign.pool = str(Path(os.path.abspath(path.parent / pool)))
     return settings
+
+
+def _unknown_key(loc: tuple) -> str:
+    """'[campaign] n_int is not a setting; did you mean n_init? Valid keys: ...' (difflib)."""
+    import difflib
+
+    model, where = Settings, []
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+        where.append(str(part))
+    key = str(loc[-1])
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    section = f"[{'.'.join(where)}] " if where else "top level: "
+    kind = "section" if not where else "setting"
+    return (f"{section}{key!r} is not a {kind}"
+            + (f"; did you mean {close[0]!r}?" if close else ".")
+            + f" Valid {'sections' if not where else 'keys'}: {', '.join(valid)}")
 
 
 def settings_from_dict(data: dict[str, Any], source: str = "<settings>") -> Settings:
@@ -186,7 +221,9 @@ def settings_from_dict(data: dict[str, Any], source: str = "<settings>") -> Sett
         return Settings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"[{'.'.join(str(p) for p in err['loc'])}] {err['msg']}" for err in exc.errors()
+            _unknown_key(tuple(err["loc"])) if err["type"] == "extra_forbidden"
+            else f"[{'.'.join(str(p) for p in err['loc'])}] {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"{source}: invalid settings: {problems}") from None
 

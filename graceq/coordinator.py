@@ -36,6 +36,7 @@ from graceq.config import ConfigError, Settings, load_settings, write_settings
 from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
 from graceq.store import (CampaignPaths, CampaignStore, artifact_ok, atomic_save_npy, atomic_save_npz,
                           foreign_artifacts, load_artifact)
+from graceq.lock import CoordinatorLock
 
 __all__ = ["Coordinator", "EmbeddedWorkers", "TaskError", "init_campaign", "worker_command"]
 
@@ -51,7 +52,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     """
     from graceq.engines import make_engine
     from graceq.features import species_of
-    from graceq.io import read_pool, write_pool_db
+    from graceq.io import check_pool_fits_settings, read_pool, write_pool_db, write_pool_notes
 
     paths = CampaignPaths(campaign_dir)
     if paths.state.exists() and CampaignStore(paths.root).n_structures() > 0:
@@ -68,6 +69,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
         c.pool, c.unit, energy_key=c.energy_key, name_key=c.name_key, energies_csv=c.energies_csv,
         atoms_per_molecule=c.atoms_per_molecule, on_bad_molecule=c.on_bad_molecule,
     )
+    check_pool_fits_settings(len(pool), settings, source)
     try:  # a calculator that cannot be loaded, a missing replay source: stop before any work
         make_engine(settings.engine.model_dump(), c.unit, pool.source)
     except (ValueError, ImportError, OSError) as exc:
@@ -76,6 +78,7 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     paths.root.mkdir(parents=True, exist_ok=True)
     write_settings(settings, paths.settings)
     write_pool_db(pool, paths.structures)
+    write_pool_notes(pool, paths.root)  # dropped.csv, identical.csv
     species = species_of(pool.frames)
     paths.pool_meta.write_text(json.dumps({
         "source": str(pool.source), "unit": pool.unit, "n_structures": len(pool),
@@ -189,16 +192,16 @@ class Coordinator:
     @property
     def refit_every(self) -> int:
         return int(getattr(self.settings.campaign, "refit_every", 0) or self.slots)
+        self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True,
-                    mininterval=0.5)
+        return tqdm(total=total, desc=desc, disable=None if self.progress else True,  # None: bars on a TTY only
+                    leave=False, dynamic_ncols=True, mininterval=0.5)
 
     def _say(self, message: str) -> None:
         log.info(message)
-        if self.progress:
-            tqdm.write(message)
+        tqdm.write(message)  # also with --quiet (no bars) and into a log file: these lines are the record
 
     # -- steps --
     def ensure_features(self) -> np.ndarray:
@@ -206,6 +209,7 @@ class Coordinator:
         from graceq import tasks
 
         if not artifact_ok(self.paths.features):  # a corrupt artifact is moved aside and recomputed
+            self.lock.set_stage("featurizing the pool")
             d = self.settings.descriptor
             n = len(self.names)
             root = str(self.paths.root)
@@ -270,6 +274,7 @@ class Coordinator:
         from graceq import tasks
         from graceq.model import CommitteeRidge
 
+        self.lock.set_stage(f"iteration {iteration}: fitting the committee")
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
         if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets")):
@@ -319,6 +324,7 @@ class Coordinator:
         from graceq import app as app_module
         from graceq.report import write_summary
 
+        self.lock.acquire()  # raises CampaignLocked while another coordinator runs this campaign
         if self.broker_url:
             mode = app_module.configure(broker_url=self.broker_url)
         else:
@@ -336,24 +342,42 @@ class Coordinator:
             if self.workers is not None:
                 self.workers.__exit__(None, None, None)
                 self.workers = None
+            self.lock.release()
 
     def _loop(self, write_summary) -> dict:
         """Synchronous rounds (mode "batch"): send the batch, collect it, refit, decide, repeat."""
+        if (resumed := self.store.last_pick_iteration()) is not None:
+            self._say(f"resuming at iteration {resumed} ({len(self.store.results())} reference results stored)")
         features = self.ensure_features()
         c = self.settings.campaign
         if self.store.last_pick_iteration() is None:
             first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
             with self.store.transaction() as db:
                 self.store.add_picks(db, 0, first.tolist())
+        elif not self.store.iterations() and len(self.store.picks()) < c.n_init:
+            # n_init raised before the first fit (`graceq run --n-init`): farthest point sampling is greedy,
+            # so the larger batch starts with the picks made and goes on as a campaign started with it would
+            first, made = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
+                                           c.n_init).tolist(), [idx for idx, _ in self.store.picks()]
+            with self.store.transaction() as db:
+                db.executemany("INSERT INTO picks(idx, iteration, rank) VALUES (?, 0, ?)",
+                               [(i, rank) for rank, i in enumerate(first) if i not in made])
         done = 0
         while True:
             iteration = self.store.last_pick_iteration()
             finished = {it["iteration"]: it for it in self.store.iterations()}
-            if iteration in finished and cp.stop_holds(finished[iteration], self.settings, len(self.names)):
+            results = self.store.results()  # picks of decided iterations without one: undone by `graceq retry`
+            retried = [idx for idx, it in self.store.picks()
+                       if idx not in results and (it < iteration or iteration in finished)]
+            if iteration in finished and not retried and cp.stop_holds(finished[iteration], self.settings,
+                                                                       len(self.names)):
+                self._say(f"iteration {iteration} stopped earlier ({finished[iteration]['stop']}): nothing to do")
                 break  # a stop that the current settings keep; a lifted one re-decides this iteration
-            self.send_picks([idx for idx, it in self.store.picks() if it == iteration])
+            self.lock.set_stage(f"iteration {iteration}: reference jobs")
+            self.send_picks([idx for idx, it in self.store.picks() if it == iteration and idx not in retried] + retried)
             self.collect()
             model = self.fit_committee(self.view(), features, iteration)
+            self.lock.set_stage(f"iteration {iteration}: selecting the next batch")
             decision = self.decide(features, model, iteration)
             write_summary(self.paths.root)
             done += 1

@@ -18,6 +18,7 @@ wrong, before any descriptor or DFT work starts.
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ase.neighborlist import natural_cutoffs, neighbor_list
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .units import check_unit
+from .units import check_unit, to_ev
 
 #: Two atoms are bonded when closer than BOND_SCALE x (sum of ASE covalent radii). 1.0 misses
 #: many C-H bonds (1.09 A vs 1.07 A); on ROY-264 and benzamide the bonded pairs lie below 1.05
@@ -43,6 +44,19 @@ BOND_SCALE = 1.2
 
 #: At most this many offending structures are listed in one error message.
 _MAX_LISTED = 20
+
+#: Energies per atom are bounded by physics: no total energy, not even an all-electron one,
+#: exceeds the total electronic energy of the cell's heaviest atom. Thomas-Fermi theory gives that
+#: energy as 0.7687 Z^(7/3) Hartree and overestimates it (Hg, Z = 80: 21,400 Ha against 18,400 Ha
+#: Hartree-Fock), so twice the Thomas-Fermi value of the heaviest atom bounds |E| / N_atoms with a
+#: wide margin for any method: 1.9e5 eV for iodine, 2.7e4 eV for sulfur, 1.0e4 eV for oxygen. An
+#: energy beyond it is a unit mix-up, a corrupt file or a placeholder such as 1e30.
+THOMAS_FERMI_HARTREE = 0.7687
+ENERGY_BOUND_FACTOR = 2.0
+HARTREE_EV = 27.211386245988
+
+#: Cells of less volume than this (Å^3) count as having no cell (a molecule without a lattice).
+MIN_CELL_VOLUME = 1.0
 
 _VASP_PREFIXES = ("POSCAR", "CONTCAR")
 
@@ -88,6 +102,10 @@ class Pool:
     source: str
     energy_ref: np.ndarray | None = None
     status: list | None = None
+    #: (name, where in the source, reason) of every structure dropped with on_bad_molecule="skip"
+    dropped: list = field(default_factory=list)
+    #: groups of names of geometrically identical structures (same cell, same atoms up to order)
+    identical: list = field(default_factory=list)
 
     def per_molecule(self, energy_cell) -> np.ndarray:
         """Return per-molecule energies ``E_cell / n_atoms * atoms_per_molecule`` (same unit).
@@ -229,8 +247,10 @@ _WHAT_SOURCES = (
 def _read_ase_file(path: Path, name_key, energy_key, ref_key, status_key) -> _Raw:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty, so the pool has no structures. {_WHAT_SOURCES}.")
+    from graceq.readers import read_structures
+
     try:
-        frames = ase.io.read(str(path), index=":")
+        frames = read_structures(path, text_keys=(name_key, status_key))
     except Exception as exc:  # ASE raises many types for unreadable files
         raise InputError(
             f"{path}: cannot read structures from this file ({type(exc).__name__}: {exc}). "
@@ -434,7 +454,21 @@ def _to_float(value):
 
 def _check_names(raw: _Raw, source: str) -> list[str]:
     recs = raw.records
-    missing = [r for r in recs if r.name is None or str(r.name).strip() == ""]
+    empty = [r for r in recs if r.name is not None and str(r.name).strip() == ""]
+    if empty:
+        raise InputError(
+            f"{source}: {len(empty)} structure(s) have an empty name:" + _listing([_label(r, "") for r in empty])
+            + "\nGive each of them a name (or leave the name out of every structure: they are then "
+            "called frame-00000, frame-00001, ...)."
+        )
+    unprintable = [r for r in recs if r.name is not None and not str(r.name).isprintable()]
+    if unprintable:
+        raise InputError(
+            f"{source}: {len(unprintable)} structure name(s) hold a newline, a tab or another "
+            "character that cannot be printed:" + _listing([f"name {str(r.name)!r} ({r.where})" for r in unprintable])
+            + "\nNames appear in tables, file names and messages: use printable characters only."
+        )
+    missing = [r for r in recs if r.name is None]
     if len(missing) == len(recs):
         # no names at all: the frame index is the name
         return [f"frame-{i:05d}" for i in range(len(recs))]
@@ -459,8 +493,30 @@ def _check_names(raw: _Raw, source: str) -> list[str]:
     return names
 
 
+def energy_bound_ev_per_atom(atoms: Atoms) -> float:
+    """The largest |energy| per atom (eV) that a structure can have: see ENERGY_BOUND_FACTOR."""
+    z = int(atoms.numbers.max()) if len(atoms) else 1
+    return ENERGY_BOUND_FACTOR * THOMAS_FERMI_HARTREE * z ** (7 / 3) * HARTREE_EV
+
+
+def _beyond_bound(rec: _Record, value: float, key: str, unit: str) -> str | None:
+    """A problem text when |value| (total per cell, in unit) exceeds the structure's physical bound."""
+    n = len(rec.atoms)
+    if n == 0:
+        return None
+    per_atom_ev = abs(to_ev(value, unit)) / n
+    bound = energy_bound_ev_per_atom(rec.atoms)
+    if per_atom_ev <= bound:
+        return None
+    heaviest = chemical_symbols[int(rec.atoms.numbers.max())]
+    return (f"|{key}| = {abs(value):.6g} {unit} per cell is {per_atom_ev:.3g} eV per atom, beyond the "
+            f"physical bound of {bound:.3g} eV per atom (twice the Thomas-Fermi total energy of its "
+            f"heaviest atom, {heaviest})")
+
+
 def _check_energies(raw: _Raw, names, energy_key, unit) -> np.ndarray:
     problems = []
+    absurd = []
     energies = np.empty(len(names))
     for i, (rec, name) in enumerate(zip(raw.records, names)):
         value = _to_float(rec.energy) if rec.energy is not None else None
@@ -470,18 +526,26 @@ def _check_energies(raw: _Raw, names, energy_key, unit) -> np.ndarray:
             problems.append(f"{_label(rec, name)}: {energy_key} = {rec.energy!r} is not a number")
         elif not math.isfinite(value):
             problems.append(f"{_label(rec, name)}: {energy_key} = {value} is not a finite number")
+        elif (why := _beyond_bound(rec, value, energy_key, unit)) is not None:
+            absurd.append(f"{_label(rec, name)}: {why}")
         else:
             energies[i] = value
+
     if problems:
         raise InputError(
             f"{raw.energy_file}: {len(problems)} structure(s) without a usable {energy_key} "
             f"(total per cell, in {unit}):" + _listing(problems)
             + f"\nGive every structure a finite {energy_key}, or remove it from the pool."
         )
+    if absurd:
+        raise InputError(
+            f"{raw.energy_file}: {len(absurd)} structure(s) with an impossible {energy_key}:" + _listing(absurd)
+            + f"\nCheck the unit (unit = {unit!r}: totals per cell) and the values of these structures."
+        )
     return energies
 
 
-def _check_refs(raw: _Raw, names, ref_key) -> np.ndarray | None:
+def _check_refs(raw: _Raw, names, ref_key, unit: str = "eV") -> np.ndarray | None:
     if not raw.has_ref:
         return None
     refs = np.full(len(names), np.nan)
@@ -492,6 +556,8 @@ def _check_refs(raw: _Raw, names, ref_key) -> np.ndarray | None:
         value = _to_float(rec.ref)
         if value is None or math.isinf(value):
             problems.append(f"{_label(rec, name)}: {ref_key} = {rec.ref!r} is not a number")
+        elif math.isfinite(value) and (why := _beyond_bound(rec, value, ref_key, unit)) is not None:
+            problems.append(f"{_label(rec, name)}: {why}")
         else:
             refs[i] = value
     if problems:
@@ -575,6 +641,43 @@ def _check_molecules(raw: _Raw, names, apm_given) -> tuple[int, dict[int, str]]:
     return reference[1], bad
 
 
+def _check_periodic(raw: _Raw, names, source: str) -> None:
+    """Every structure must be a crystal: periodic on all three axes, with a cell of volume."""
+    problems = []
+    for rec, name in zip(raw.records, names):
+        atoms = rec.atoms
+        pbc = [bool(p) for p in atoms.pbc]
+        volume = abs(float(np.linalg.det(atoms.cell.array)))
+        if volume < MIN_CELL_VOLUME:
+            problems.append(f"{_label(rec, name)}: no unit cell (volume {volume:.3g} Å^3)")
+        elif not all(pbc):
+            problems.append(f"{_label(rec, name)}: not periodic on every axis (pbc = {pbc})")
+    if problems:
+        raise InputError(
+            f"{source}: {len(problems)} structure(s) are not periodic crystals:" + _listing(problems)
+            + "\ngraceq re-ranks crystal structures: give every structure its lattice vectors and "
+            "periodic boundaries on all three axes (extended XYZ: Lattice=\"...\" pbc=\"T T T\"), "
+            "or remove gas-phase molecules from the pool."
+        )
+
+
+def identical_structures(frames: Sequence[Atoms], names: Sequence[str], decimals: int = 6) -> list[list[str]]:
+    """Groups (of 2 or more names) of structures with the same cell and the same atoms up to order.
+
+    Exact up to ``decimals`` (Å): cell and Cartesian positions are rounded, atoms sorted by
+    (Z, x, y, z), and the bytes compared. A translated or rotated copy is not found (that needs a
+    structure matcher); the same structure written twice under two names is.
+    """
+    groups: dict[bytes, list[str]] = {}
+    for atoms, name in zip(frames, names):
+        pos = np.round(atoms.positions, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+        order = np.lexsort((pos[:, 2], pos[:, 1], pos[:, 0], atoms.numbers))
+        key = (np.round(atoms.cell.array, decimals) + 0.0).tobytes() + atoms.numbers[order].tobytes() \
+            + pos[order].tobytes()
+        groups.setdefault(key, []).append(str(name))
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _validate(raw: _Raw, source: str, unit: str, energy_key, ref_key, apm_given, on_bad_molecule) -> Pool:
     if not raw.records:
         raise InputError(f"{source}: the pool is empty (no structures). {_WHAT_SOURCES}.")
@@ -582,7 +685,8 @@ def _validate(raw: _Raw, source: str, unit: str, energy_key, ref_key, apm_given,
         warnings.warn(note, stacklevel=3)
     names = _check_names(raw, source)
     energies = _check_energies(raw, names, energy_key, unit)
-    refs = _check_refs(raw, names, ref_key)
+    refs = _check_refs(raw, names, ref_key, unit)
+    _check_periodic(raw, names, source)
     if apm_given is None:
         apm_given = raw.apm_hint
     apm, bad = _check_molecules(raw, names, apm_given)
@@ -597,11 +701,20 @@ def _validate(raw: _Raw, source: str, unit: str, energy_key, ref_key, apm_given,
                 "(e.g. structures whose molecules broke in the force-field relaxation)."
             )
         warnings.warn(
-            f"{source}: dropped {len(bad)} structure(s) not made of the pool's molecule:"
-            + _listing(problems),
+            f"{source}: dropped {len(bad)} structure(s) not made of the pool's molecule"
+            " (all listed in dropped.csv of the campaign directory):" + _listing(problems),
             stacklevel=3,
         )
     keep = [i for i in range(len(raw.records)) if i not in bad]
+    identical = identical_structures([raw.records[i].atoms for i in keep], [names[i] for i in keep])
+    if identical:
+        warnings.warn(
+            f"{source}: {sum(len(g) for g in identical)} structures are geometrically identical to another "
+            "one (same cell and atoms; all listed in identical.csv of the campaign directory):"
+            + _listing([" = ".join(map(repr, g)) for g in identical])
+            + "\nEach copy may be sent to the reference method: remove the copies unless they are intended.",
+            stacklevel=3,
+        )
     frames = [raw.records[i].atoms for i in keep]
     status = None
     if raw.has_status:
@@ -616,6 +729,8 @@ def _validate(raw: _Raw, source: str, unit: str, energy_key, ref_key, apm_given,
         source=source,
         energy_ref=None if refs is None else refs[keep],
         status=status,
+        dropped=[(names[i], raw.records[i].where, why) for i, why in sorted(bad.items())],
+        identical=identical,
     )
 
 
@@ -662,6 +777,15 @@ def read_pool(
         raise InputError(f"{path}: {exc}") from None
     if on_bad_molecule not in ("error", "skip"):
         raise ValueError(f"on_bad_molecule must be 'error' or 'skip', got {on_bad_molecule!r}")
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        raise InputError(f"{path}: a loop of symbolic links; point the pool path at the real file.") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path}: a loop of symbolic links; point the pool path at the real file.") from None
+        if not isinstance(exc, FileNotFoundError):
+            raise InputError(f"{path}: cannot open the generation pool ({exc.strerror}).") from None
     if not path.exists():
         raise InputError(f"{path}: no such file or directory; check the path of the generation pool.")
     keys = (name_key, energy_key, ref_key, status_key)
@@ -674,6 +798,72 @@ def read_pool(
     pool = _validate(raw, str(path), unit, energy_key, ref_key, atoms_per_molecule, on_bad_molecule)
     pool.source = str(path.resolve())  # workers (and the replay engine) may run elsewhere
     return pool
+
+
+def min_labelled(train_fraction: float, cv: int) -> int:
+    """The fewest stable labelled structures the committee can be fitted on.
+
+    The chronological split (:func:`graceq.model.chronological_split`) must leave at least ``cv``
+    structures to train (``cv``-fold cross-validation of lambda) and one to calibrate on.
+    """
+    from graceq.model import chronological_split
+
+    for n in range(2, 100 * cv + 100):
+        try:
+            chronological_split(n, train_fraction, cv)
+            return n
+        except ValueError:
+            continue
+    raise ValueError(f"no labelled set size fits train_fraction={train_fraction}, cv={cv}")
+
+
+def check_pool_fits_settings(n_pool: int, settings, source: str = "settings") -> None:
+    """Refuse, before any reference call, a pool or an n_init too small to fit the committee.
+
+    The first fit happens after the initial batch: with fewer than :func:`min_labelled` stable
+    results it would stop ("too few to fit the committee") after the reference calls were paid.
+    """
+    c, m = settings.campaign, settings.model
+    need = min_labelled(m.train_fraction, m.cv)
+    split = f"a chronological {m.train_fraction:.0%}/{1 - m.train_fraction:.0%} split with {m.cv}-fold cross-validation"
+    if n_pool < need + 1:
+        raise InputError(
+            f"{source}: the pool holds {n_pool} structure(s); the committee needs at least {need} stable "
+            f"reference results ({split}) and one structure left to choose: give a pool of at least "
+            f"{need + 1} structures.")
+    if c.n_init < need:
+        raise InputError(
+            f"{source}: [campaign] n_init = {c.n_init} is too small: the committee is first fitted on the "
+            f"initial batch and needs at least {need} stable reference results ({split}). Set n_init >= {need} "
+            "(more if some structures may come back unstable or failed).")
+    if c.n_init >= n_pool:
+        raise InputError(
+            f"{source}: [campaign] n_init = {c.n_init} would send the whole pool of {n_pool} structures to "
+            f"the reference method in the initial batch: set n_init below {n_pool}.")
+
+
+def write_pool_notes(pool: Pool, folder) -> list[Path]:
+    """Write dropped.csv (name, where, reason) and identical.csv (group, name) when there is any.
+
+    ``folder`` is the campaign directory; returns the files written.
+    """
+    folder = Path(folder)
+    written = []
+    if pool.dropped:
+        path = folder / "dropped.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["name", "where", "reason"])
+            writer.writerows(pool.dropped)
+        written.append(path)
+    if pool.identical:
+        path = folder / "identical.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["group", "name"])
+            writer.writerows((k, name) for k, group in enumerate(pool.identical) for name in group)
+        written.append(path)
+    return written
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,6 +158,9 @@ def write_summary(root: str | Path) -> dict:
 
 def status_lines(root: str | Path) -> list[str]:
     """A short human summary of where a campaign stands (for `graceq status`)."""
+    from graceq.jobs import in_flight_lines
+    from graceq.lock import coordinator_alive, coordinator_lines
+
     paths = CampaignPaths(root)
     store = CampaignStore(paths.root, readonly=True)  # never creates or changes state.sqlite
     settings = load_settings(paths.settings)
@@ -171,10 +174,12 @@ def status_lines(root: str | Path) -> list[str]:
     queued = sum(1 for idx, _ in picks if idx not in results) - len(running)
     unit = settings.campaign.unit
     lines = [f"campaign   {paths.root}", f"pool       {store.n_structures()} structures"]
+    lines += coordinator_lines(paths.root)
     if iterations:
         it = iterations[-1]
+        going = "running" if coordinator_alive(paths.root) else "paused: no coordinator runs it"
         lines += [
-            f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else 'running'})",
+            f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else going})",
             f"risk       {risk_statement(it, settings.campaign.risk)}",
             f"p_conv     {it['p_conv']:.4f}   residual {it['residual']:.2f} structures",
             f"best       {it['best']:.3f} {unit}/molecule; {it['n_measured']} measured within "
@@ -189,6 +194,7 @@ def status_lines(root: str | Path) -> list[str]:
     n_failed = sum(1 for s, _ in results.values() if s == "failed")
     lines.append(f"sampled    {len(picks)} picked, {len(results)} done ({n_unstable} unstable, {n_failed} failed)")
     lines.append(f"reference  {len(running)} running, {queued} waiting")
+    lines += in_flight_lines(paths.root)
     store.close()
     return lines
 
@@ -364,14 +370,25 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
         bar = fig.colorbar(sc, ax=ax, label="iteration sampled (0 = initial batch)")
         bar.locator = MaxNLocator(integer=True)
         bar.update_ticks()
+    # The axis spans the measured energies and the window (plus a margin). Unstable and failed
+    # structures have no reference energy: drawn at the energy predicted when they were picked, or,
+    # for those picked before any model existed (the initial batch), at the top edge; anything
+    # beyond the axis is drawn on its edge. (A force-field total is no relative reference energy.)
+    shown = [0.0, rec.window] + ([] if not len(stable) else list(energies))
+    margin = max(0.08 * (max(shown) - min(shown)), 0.1 * rec.window)
+    low, top = min(shown) - margin, max(shown) + margin
     predicted_at_pick = {p[0]: p[4] for p in rec.picks}
     for outcome, marker, colour in (("unstable", "x", "tab:red"), ("failed", "^", "tab:orange")):
         rows = [i for i, (s, _) in rec.results.items() if s == outcome]
         if rows:
-            y = [predicted_at_pick.get(i) if predicted_at_pick.get(i) is not None else rec.energy_ff[i]
-                 for i in rows]
-            ax.scatter(rec.density[rows], np.asarray(y, dtype=float) - best, marker=marker, c=colour, s=40,
-                       label=f"{outcome} ({len(rows)}), at predicted energy", zorder=4)
+            y = np.array([predicted_at_pick[i] - best if predicted_at_pick.get(i) is not None else np.inf
+                          for i in rows], dtype=float)
+            unpredicted = int(np.isinf(y).sum())
+            label = f"{outcome} ({len(rows)}): at the predicted energy" + (
+                f"; {unpredicted} without a prediction at the top edge" if unpredicted else "")
+            ax.scatter(rec.density[rows], np.clip(y, low, top), marker=marker, c=colour, s=40, label=label,
+                       zorder=4, clip_on=False)
+    ax.set_ylim(low, top)  # pool reference points beyond it are cut off by the axis
     ax.set_xlabel("density (g/cm$^3$)")
     ax.set_ylabel(f"relative reference energy ({u} per molecule)")
     ax.set_title(f"{title}: {len(stable)} measured of {len(rec.names)}")

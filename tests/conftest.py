@@ -16,6 +16,38 @@ import pytest
 
 GRACEQ = [sys.executable, "-m", "graceq.cli"]
 
+# Tests that start system daemons (a SLURM cluster) or a browser run only when the CI script asks for
+# them (it installs the packages first and exports this variable): the test command itself never
+# installs a system package, and a developer's `python -m pytest` never starts munged or slurmctld.
+SYSTEM_TESTS_VARIABLE = "GRACEQ_TEST_SYSTEM"
+SYSTEM_TOOLS = {
+    "slurm": ("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scontrol"),
+    "browser": ("chromium",),
+}
+
+
+def system_test_skip_reason(marker: str, environ=os.environ) -> str | None:
+    """Why a test marked `slurm` or `browser` must skip here, or None when it may run."""
+    if environ.get(SYSTEM_TESTS_VARIABLE) != "1":
+        return (f"{marker} tests start system daemons or a browser: they run only when "
+                f"{SYSTEM_TESTS_VARIABLE}=1 (set by .ci/run after it installs the packages)")
+    tools = SYSTEM_TOOLS[marker]
+    missing = [t for t in tools if not (shutil.which(t) or (t == "chromium" and shutil.which("chromium-browser")))]
+    if missing:
+        return f"{marker} tests need {', '.join(missing)} on the PATH (.ci/run installs them)"
+    if marker == "slurm" and os.geteuid() != 0:
+        return "slurm tests start munged, slurmctld and slurmd: they need root"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker in SYSTEM_TOOLS:
+            if item.get_closest_marker(marker) is not None:
+                reason = system_test_skip_reason(marker)
+                if reason:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
 
 def bundled(*parts: str) -> Path:
     return Path(str(files("graceq").joinpath("data", *parts)))

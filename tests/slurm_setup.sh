@@ -1,10 +1,13 @@
 #!/bin/bash
-# Install (Debian slurm-wlm + munge) and start a real single-node SLURM cluster on this machine.
+# Start a real single-node SLURM cluster on this machine (Debian slurm-wlm + munge, already installed).
 #
-# Idempotent: run it as often as you like; it installs only what is missing, keeps an existing
-# munge key, rewrites slurm.conf only when it changed, and starts only the daemons that are not
-# running. Needs root. Exit codes: 0 ready (the node is idle and takes jobs), 2 cannot install
-# (no root / no apt: callers skip), 1 anything else (the message says what).
+# Installs nothing: .ci/run installs the packages (apt) before it asks for the SLURM tests with
+# GRACEQ_TEST_SYSTEM=1; without the tools this script exits 2 and the caller skips. Idempotent: it keeps
+# an existing munge key, rewrites slurm.conf only when it changed, and starts only the daemons that are
+# not running. Each daemon it starts is named on stdout as "started NAME PIDFILE", so that the caller
+# (tests/test_slurm.py's fixture) stops exactly those at the end. Needs root. Exit codes: 0 ready (the
+# node is idle and takes jobs), 2 cannot run here (no root, tools missing: callers skip), 1 anything
+# else (the message says what).
 #
 # What was seen to work on this kind of machine (gVisor, no cgroups): ProctrackType=proctrack/linuxproc,
 # TaskPlugin=task/none, SlurmUser=root, SelectType=select/cons_tres, no accounting storage (read
@@ -14,21 +17,15 @@ set -euo pipefail
 say() { echo "slurm_setup: $*" >&2; }
 
 if [ "$(id -u)" != 0 ]; then
-    say "needs root to install and start SLURM"; exit 2
+    say "needs root to start SLURM"; exit 2
 fi
 
-# -- install -----------------------------------------------------------------------------------
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-        || ! command -v sbatch >/dev/null; then
-    if ! command -v apt-get >/dev/null; then
-        say "slurm-wlm/munge missing and no apt-get to install them"; exit 2
-    fi
-    say "installing slurm-wlm and munge (apt-get)"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update -qq && apt-get install -y -qq slurm-wlm munge; } >/tmp/slurm_setup_apt.log 2>&1; then
-        tail -20 /tmp/slurm_setup_apt.log >&2
-        say "apt-get install slurm-wlm munge failed (see /tmp/slurm_setup_apt.log)"; exit 2
-    fi
+missing=()
+for tool in slurmctld slurmd munged munge unmunge sbatch squeue scontrol sinfo; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "not installed: ${missing[*]} (Debian packages slurm-wlm and munge; .ci/run installs them)"; exit 2
 fi
 
 HOST="$(hostname)"
@@ -51,6 +48,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     say "starting munged (as the munge user)"
     rm -f /run/munge/munged.pid /run/munge/munge.socket.2.lock
     su -s /bin/sh munge -c "/usr/sbin/munged --force"
+    echo "started munged /run/munge/munged.pid"
     for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.2; done
     munge -n | unmunge >/dev/null || { say "munged does not answer"; exit 1; }
 fi
@@ -107,12 +105,14 @@ if ! running /run/slurmctld.pid || ! scontrol ping >/dev/null 2>&1; then
     say "starting slurmctld"
     running /run/slurmctld.pid && kill "$(cat /run/slurmctld.pid)" && sleep 1
     /usr/sbin/slurmctld
+    echo "started slurmctld /run/slurmctld.pid"
     for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
     scontrol ping >/dev/null 2>&1 || { tail -20 /var/log/slurm/slurmctld.log >&2; say "slurmctld does not answer"; exit 1; }
 fi
 if ! running /run/slurmd.pid; then
     say "starting slurmd"
     /usr/sbin/slurmd
+    echo "started slurmd /run/slurmd.pid"
 fi
 
 # -- wait for the node to take jobs ------------------------------------------------------------

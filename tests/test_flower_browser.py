@@ -42,18 +42,11 @@ CHROMIUM_FLAGS = [
 
 
 def _chromium() -> str:
-    """The chromium binary, installed from Debian's packages when missing (skip if impossible)."""
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and apt-get (as root) is not available to install it")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot install chromium: {' '.join(cmd)}: {proc.stderr[-500:]}")
-    return shutil.which("chromium")
+    """The chromium binary (conftest.py skips this module's tests when it is absent: nothing is installed)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (.ci/run installs it and sets GRACEQ_TEST_SYSTEM=1)")
+    return path
 
 
 def _graceq() -> list[str]:

@@ -1,7 +1,8 @@
 """The `slurm` engine and the SLURM pilot job against a real single-node SLURM (slurm-wlm + munge).
 
-`tests/slurm_setup.sh` installs (apt) and starts munged, slurmctld and slurmd on this machine; it
-is idempotent. Every job here is real: sbatch'ed, scheduled and run by slurmd, relaxing benzamide
+Runs only when .ci/run asks for it (GRACEQ_TEST_SYSTEM=1, after it installed slurm-wlm and munge; see
+conftest.py). `tests/slurm_setup.sh` starts munged, slurmctld and slurmd on this machine (it installs
+nothing); the `slurm` fixture stops every daemon that the script started when the module ends. Every job here is real: sbatch'ed, scheduled and run by slurmd, relaxing benzamide
 cells with GFN-FF (the `gfnff` ASE calculator) through the `ase` engine inside the allocation.
 sbatch calls are counted by a wrapper that logs each call before it runs the real sbatch.
 """
@@ -39,14 +40,45 @@ def _graceq() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "graceq.cli"]
 
 
+def _stop_daemon(name: str, pidfile: str, timeout: float = 20) -> None:
+    """TERM the daemon whose pid its pidfile records, wait for it to exit (KILL after `timeout` s)."""
+    try:
+        pid = int(Path(pidfile).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    """A running single-node SLURM cluster (installed and started by tests/slurm_setup.sh)."""
-    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1200)
-    if proc.returncode == 2:
-        pytest.skip(f"cannot install SLURM here: {proc.stderr.strip()[-500:]}")
-    assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
-    yield socket.gethostname()
+    """A running single-node SLURM cluster, started by tests/slurm_setup.sh and stopped afterwards.
+
+    Only the daemons that the script started (it names them on stdout) are stopped: a cluster that
+    ran before the tests keeps running.
+    """
+    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300)
+    started = [line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("started ")]
+    try:
+        if proc.returncode == 2:
+            pytest.skip(f"cannot start SLURM here: {proc.stderr.strip()[-500:]}")
+        assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
+        yield socket.gethostname()
+    finally:
+        # slurmd before slurmctld before munged: each one's peers are still up while it shuts down
+        order = {"slurmd": 0, "slurmctld": 1, "munged": 2}
+        for name, pidfile in sorted(started, key=lambda s: order.get(s[0], 9)):
+            _stop_daemon(name, pidfile)
 
 
 @pytest.fixture

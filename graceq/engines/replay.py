@@ -94,9 +94,9 @@ def _load_db(path: Path, key: str, name_key: str, status_key: str, with_frames: 
 
 
 def _load_structures(path: Path, key: str, name_key: str, status_key: str, with_frames: bool) -> _Table:
-    import ase.io
+    from graceq.readers import read_structures
 
-    frames = ase.io.read(str(path), index=":")
+    frames = read_structures(path, text_keys=(name_key, status_key))  # names as written: '007' stays '007'
     energy, status, index = {}, {}, {}
     for i, atoms in enumerate(frames):
         name = str(atoms.info.get(name_key, f"frame-{i:05d}"))
