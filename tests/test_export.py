@@ -209,3 +209,17 @@ def test_chemiscope_page_renders_in_chromium(exported, tmp_path):
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 200  # the map's points and the molecules are drawn
+
+
+def test_unique_counts_in_summary_and_status(campaign, exported):
+    summary = json.loads((campaign / "summary.json").read_text())
+    assert summary["n_found"] == len(summary["found"]) == len(window_by_hand(campaign))
+    assert summary["n_found_unique"] == summary["n_found"] - 2
+    assert summary["duplicate_groups"] == [["0001_Y", "0001_Y-supercell", "0001_Y-setting"]]
+    assert not set(COPIES) & set(summary["found_unique"])
+    out = run_cli("status", str(campaign)).stdout
+    assert (f"unique     {summary['n_found'] - 2} distinct crystals among the {summary['n_found']} measured "
+            "window structures (2 duplicates)") in out
+    with open(campaign / "structures.csv") as handle:
+        lines = {line.split(",")[0]: line.strip().split(",") for line in handle}
+    assert lines["0001_Y-setting"][-2:] == ["0", "0001_Y"]
