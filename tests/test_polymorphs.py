@@ -53,15 +53,35 @@ def noisy(atoms, displacement=0.04, strain=0.005, seed=1):
     return out
 
 
+def unwrapped_molecule(atoms, idx):
+    """Cartesian positions of the bonded molecule `idx`, each atom at the image bonded to its neighbour.
+
+    (A minimum image from one atom is not enough: a molecule may be longer than half the cell.)
+    """
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    from graceq.io import BOND_SCALE
+
+    i, j, shift = neighbor_list("ijS", atoms, natural_cutoffs(atoms, mult=BOND_SCALE))
+    pos = {int(idx[0]): atoms.positions[idx[0]]}
+    queue = [int(idx[0])]
+    while queue:
+        a = queue.pop()
+        for b, s in zip(j[i == a], shift[i == a]):
+            if int(b) not in pos:
+                pos[int(b)] = pos[a] + atoms.positions[b] + s @ atoms.cell.array - atoms.positions[a]
+                queue.append(int(b))
+    assert sorted(pos) == sorted(int(k) for k in idx)
+    return np.array([pos[int(k)] for k in idx])
+
+
 def turned_molecules(atoms, degrees):
     """Every molecule rigidly rotated by `degrees` about the normal of its best plane, through its centre."""
     out = atoms.copy()
     n_mol, labels = _molecule_labels(atoms)
     for m in range(n_mol):
         idx = np.flatnonzero(labels == m)
-        # whole molecule: every atom at its minimum image from the molecule's first atom
-        vectors = atoms.get_distances(idx[0], idx, mic=True, vector=True)
-        xyz = atoms.positions[idx[0]] + vectors
+        xyz = unwrapped_molecule(atoms, idx)
         centre = xyz.mean(axis=0)
         normal = np.linalg.svd(xyz - centre)[2][2]
         rot = Rotation.from_rotvec(np.radians(degrees) * normal).as_matrix()
