@@ -190,8 +190,12 @@ def export_campaign(root, folder, include_all: bool = False, chemiscope: bool = 
         a.info.update(row)
         out.append(a)
     tmp = extxyz.with_name(".structures.extxyz.tmp")
-    write(tmp, out, format="extxyz")
+    if out:
+        write(tmp, out, format="extxyz")
+    else:  # nothing measured in the window yet: an empty file, not a missing one
+        tmp.write_text("")
     tmp.replace(extxyz)
+    extxyz.chmod(0o644)
     meta["n_structures"] = len(rows)
     atomic_write_json(folder / "export.json", meta)
     (folder / "export.json").chmod(0o644)
@@ -248,8 +252,10 @@ def chemiscope_arguments(root) -> dict:
     group = np.full(n, -1.0)
     for i, g in dups.group_of().items():
         group[i] = g
-    features = np.load(paths.features)
-    xy = pool_map(features)
+    if not paths.features.exists():
+        raise FileNotFoundError(f"{paths.features}: the campaign has no SOAP features yet, so there is no map; "
+                                f"run it first (graceq run {paths.root})")
+    xy = pool_map(np.load(paths.features))
     properties = {
         "PCA": {"target": "structure", "values": xy,
                 "description": "principal components of the averaged SOAP features (artifacts/features.npy)"},

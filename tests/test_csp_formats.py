@@ -177,3 +177,16 @@ def test_directory_without_energies_names_the_fix(tmp_path):
         write(tmp_path / f"{f.info['name']}.cif", f, format="cif")
     with pytest.raises(InputError, match=r"energies.csv: no energy table for the 2 structure\(s\).*0001_Y.*header 'name,energy_ff'"):
         read_pool(tmp_path, unit="kJ/mol")
+
+
+def test_atoms_on_special_positions_are_merged():
+    """P-1 (LATT 1, no SYMM): an atom on the inversion centre stays one atom, a general one becomes two."""
+    text = ("TITL sp\nCELL 0.7 5.0 6.0 7.0 90 100 90\nLATT 1\nSFAC C O\n"
+            "C1 1 0.0 0.0 0.0 11.0 0.05\nC2 1 0.5 0.5 0.0 11.0 0.05\nO3 2 0.2 0.3 0.4 11.0 0.05\nEND\n")
+    [block] = csp_formats.parse_res(text)
+    atoms = csp_formats.expand(block)
+    assert atoms.get_chemical_symbols() == ["C", "C", "O", "O"]
+    np.testing.assert_allclose(atoms.get_scaled_positions()[3], [0.8, 0.7, 0.6], atol=1e-12)
+    clash = text.replace("O3 2 0.2 0.3 0.4", "O3 2 0.02 0.0 0.0")  # O lands 0.2 Å from C1's image
+    with pytest.raises(InputError, match="different elements meet"):
+        csp_formats.expand(csp_formats.parse_res(clash)[0])
