@@ -310,6 +310,22 @@ def report(campaign_dir) -> None:
     _print_summary(summary)
 
 
+@main.command()
+@click.argument("campaign_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--all", "include_all", is_flag=True, help="every pool structure, not only the window's")
+@click.option("--chemiscope", is_flag=True, help="also chemiscope.json and an offline chemiscope.html of the pool")
+@_user_errors
+def export(campaign_dir, out_dir, include_all, chemiscope) -> None:
+    """Write the window structures as CIF files and one extxyz (energies, density, space group, duplicates)."""
+    from graceq.export import export_campaign
+
+    written = export_campaign(campaign_dir, out_dir, include_all=include_all, chemiscope=chemiscope)
+    n_cif = sum(1 for p in written if p.suffix == ".cif")
+    click.echo(f"{n_cif} CIF files in {Path(out_dir) / 'cif'}")
+    click.echo("\n".join(str(p) for p in written if p.suffix != ".cif"))
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--queues", "-Q", default=QUEUE_NAMES, show_default=True, help="queues this pool consumes")
 @click.option("--concurrency", "-c", type=int, default=None, help="processes (default: cores)")

@@ -790,9 +790,18 @@ def read_pool(
         raise InputError(f"{path}: no such file or directory; check the path of the generation pool.")
     keys = (name_key, energy_key, ref_key, status_key)
     if path.is_dir():
-        raw = _read_vasp_dir(path, energies_csv, *keys)
+        from graceq import csp_formats  # *.res / *.cif / *.POSCAR files, one folder per structure
+
+        if not any(_is_vasp_file(p) for p in path.iterdir()) and csp_formats.structure_files(path):
+            raw = csp_formats.read_structure_dir(path, energies_csv, *keys)
+        else:
+            raw = _read_vasp_dir(path, energies_csv, *keys)
     elif path.suffix.lower() == ".db":
         raw = _read_db(path, unit, *keys)
+    elif path.suffix.lower() in (".res", ".ins"):
+        from graceq import csp_formats  # SHELX with SYMM/LATT, expanded to the full cell
+
+        raw = csp_formats.read_res_pool(path, *keys)
     else:
         raw = _read_ase_file(path, *keys)
     pool = _validate(raw, str(path), unit, energy_key, ref_key, atoms_per_molecule, on_bad_molecule)

@@ -18,9 +18,9 @@ import numpy as np
 
 from graceq.campaign import STABLE, per_molecule, risk_statement
 from graceq.config import load_settings
+from graceq.polymorphs import AMU_PER_A3_TO_G_PER_CM3, cell_density_gcm3  # noqa: F401 (re-exported)
 from graceq.store import CampaignPaths, CampaignStore, atomic_write_bytes, atomic_write_json
 
-AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660  # 1 amu/Å^3 = 1.66054 g/cm^3
 FIGURE_DPI = 120
 EI_FLOOR_RATIO = 1e-10  # EI below this fraction of the largest EI is drawn at the floor (log axis)
 
@@ -106,8 +106,30 @@ def hindsight(paths: CampaignPaths, picks: list, window: float, unit: str) -> di
     return out
 
 
+def csv_columns(unit: str) -> dict:
+    """campaign_table key -> structures.csv column header (with its unit; counts and labels have none)."""
+    e = f"[{unit} per molecule]"
+    return {
+        "name": "name", "n_atoms": "n_atoms",
+        "energy_ff_per_molecule": f"energy_ff {e}",
+        "predicted_ref_per_molecule": f"predicted_ref {e}",
+        "sigma_per_molecule": f"sigma {e}",
+        "measured_ref_per_molecule": f"measured_ref {e}",
+        "relative_ref_per_molecule": f"measured_ref - best {e}",
+        "density_gcm3": "density [g/cm^3]",
+        "iteration_sampled": "iteration_sampled", "outcome": "outcome",
+        "duplicate_group": "duplicate_group", "duplicate_of": "duplicate_of",
+    }
+
+
 def write_summary(root: str | Path) -> dict:
-    """Write summary.json and structures.csv in the campaign directory; returns the summary."""
+    """Write summary.json and structures.csv in the campaign directory; returns the summary.
+
+    Unique counts: the measured window structures are grouped into distinct crystals by
+    :func:`graceq.polymorphs.campaign_duplicates` (pair verdicts cached in the campaign).
+    """
+    from graceq.polymorphs import campaign_duplicates
+
     paths = CampaignPaths(root)
     settings = load_settings(paths.settings)
     store = CampaignStore(paths.root)
@@ -119,6 +141,15 @@ def write_summary(root: str | Path) -> dict:
     best = min(measured)[0] if measured else None
     found = sorted((e, n) for e, n in measured if e <= best + window) if measured else []
     last = iterations[-1] if iterations else {}
+    dups = campaign_duplicates(paths.root, scope="window")
+    group_of, rep_of = dups.group_of(), dups.representative_of()
+    density = _pool_from_db(paths.structures, np.array([r["n_atoms"] for r in rows]), 1)[0]
+    for i, r in enumerate(rows):
+        e = r["measured_ref_per_molecule"]
+        r["relative_ref_per_molecule"] = e - best if e is not None and r["outcome"] == STABLE else None
+        r["density_gcm3"] = float(density[i])
+        r["duplicate_group"] = group_of.get(i)
+        r["duplicate_of"] = rep_of.get(i)
     summary = {
         "campaign": str(paths.root),
         "n_pool": len(rows),
@@ -130,6 +161,12 @@ def write_summary(root: str | Path) -> dict:
         "energy_basis": "per molecule",
         "best": best,
         "found": [n for _, n in found],
+        "n_found": len(found),
+        "n_found_unique": dups.n_window_unique,
+        "found_unique": [dups.names[k] for k in range(len(dups.indices))
+                         if dups.grouping.representative[k] and dups.in_window()[k]],
+        "duplicate_groups": dups.window_groups(),
+        "duplicate_method": dups.settings.describe(),
         "converged": last.get("stop") == "converged",
         "stop": last.get("stop"),
         "stop_rule": settings.campaign.stop_rule,
@@ -148,10 +185,11 @@ def write_summary(root: str | Path) -> dict:
         ],
     }
     store.close()
+    columns = csv_columns(settings.campaign.unit)
     with open(paths.root / "structures.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(columns.values()))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({columns[k]: v for k, v in r.items()} for r in rows)
     atomic_write_json(paths.summary, summary)
     return summary
 
@@ -188,6 +226,11 @@ def status_lines(root: str | Path) -> list[str]:
             f"{it.get('ridge_lambda', it.get('lambda')):.1e}, calibration "
             f"{it.get('calibration', it.get('alpha')):.2f}, {it['n_train']} training structures",
         ]
+        from graceq.polymorphs import campaign_duplicates
+
+        dups = campaign_duplicates(paths.root, scope="window")
+        lines.append(f"unique     {dups.n_window_unique} distinct crystals among the {dups.n_window} measured "
+                     f"window structures ({dups.n_window - dups.n_window_unique} duplicates)")
     else:
         lines.append("iteration  none finished yet")
     n_unstable = sum(1 for s, _ in results.values() if s == "unstable")
@@ -224,6 +267,7 @@ class CampaignRecord:
     results: dict                    # idx -> (status, E_ref per molecule or None)
     iterations: list                 # per-iteration stats, in order
     predictions: dict                # iteration -> dict(mu, sigma, ei, picks, pick_ei)
+    known_form: np.ndarray | None = None  # label of an experimentally known form, "" for the others
 
     @property
     def best(self) -> float | None:
@@ -238,11 +282,6 @@ class CampaignRecord:
     @property
     def has_reference(self) -> bool:
         return bool(np.isfinite(self.energy_ref_pool).any())
-
-
-def cell_density_gcm3(atoms) -> float:
-    """Crystal density in g/cm^3: total atomic mass (amu) over cell volume (Å^3)."""
-    return float(atoms.get_masses().sum() / atoms.get_volume() * AMU_PER_A3_TO_G_PER_CM3)
 
 
 def _pool_from_db(path: Path, n_atoms: np.ndarray, apm: int):
@@ -271,6 +310,63 @@ def _pool_from_db(path: Path, n_atoms: np.ndarray, apm: int):
                 e_ref[i] = float(per_molecule(float(value), n_atoms[i], apm))
             status[i] = str(row.get("status", ""))
     return density, e_ref, status
+
+
+_TRUE = {"t", "true", "yes", "y", "1"}
+_FALSE = {"", "f", "false", "no", "n", "0", "none", "nan"}
+
+
+def _form_label(value, name: str) -> str:
+    """The label of a known form from a pool's ``known_form`` value: True -> the name, a text -> itself."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return name if value else ""
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return name
+    return "" if text.lower() in _FALSE else text
+
+
+def known_forms(paths: CampaignPaths, names) -> np.ndarray:
+    """Label of each pool structure that is an experimentally known form ("" for the others).
+
+    Read from the key ``known_form`` of the campaign's structures.db when it has one, else from the
+    pool source named in pool.json (per-frame ``known_form`` of a structure file, or a
+    ``known_form`` column of a CSV in a pool directory), matched by structure name. A value of
+    True/T/yes labels the structure with its name; any other text is the form's label (e.g. "Y").
+    Missing or unreadable sources give no labels: labels are decoration, never a reason to fail.
+    """
+    from ase.db import connect
+
+    labels = np.full(len(names), "", dtype=object)
+    index = {str(n): i for i, n in enumerate(names)}
+    values: dict[str, object] = {}
+    if paths.structures.exists():
+        with connect(paths.structures) as db:
+            for row in db.select(sort="id"):
+                if "known_form" in row.key_value_pairs and 0 <= row.id - 1 < len(names):
+                    values[str(names[row.id - 1])] = row.key_value_pairs["known_form"]
+    if not values and paths.pool_meta.exists():
+        try:
+            source = Path(json.loads(paths.pool_meta.read_text()).get("source", ""))
+            if source.is_file() and source.suffix.lower() != ".db":
+                import ase.io
+
+                for atoms in ase.io.read(str(source), ":"):
+                    if "known_form" in atoms.info and "name" in atoms.info:
+                        values[str(atoms.info["name"])] = atoms.info["known_form"]
+            elif source.is_dir():
+                for table in sorted(source.glob("*.csv")):
+                    with open(table, newline="") as handle:
+                        for row in csv.DictReader(handle):
+                            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                            if "known_form" in row and row.get("name"):
+                                values[row["name"]] = row["known_form"]
+        except Exception:  # noqa: BLE001 - a moved or unreadable source only loses the labels
+            values = {}
+    for name, value in values.items():
+        if name in index:
+            labels[index[name]] = _form_label(value, name)
+    return labels
 
 
 def load_record(root: str | Path) -> CampaignRecord:
@@ -302,7 +398,7 @@ def load_record(root: str | Path) -> CampaignRecord:
         stop_rule=settings.campaign.stop_rule, names=s["name"], n_atoms=s["n_atoms"],
         energy_ff=per_molecule(s["energy_ff"], s["n_atoms"], apm), energy_ref_pool=e_ref,
         status_pool=status, density=density, picks=picks, results=results, iterations=iterations,
-        predictions=predictions,
+        predictions=predictions, known_form=known_forms(paths, s["name"]),
     )
 
 
@@ -389,10 +485,126 @@ def plot_landscape(rec: CampaignRecord, path: Path) -> Path:
             ax.scatter(rec.density[rows], np.clip(y, low, top), marker=marker, c=colour, s=40, label=label,
                        zorder=4, clip_on=False)
     ax.set_ylim(low, top)  # pool reference points beyond it are cut off by the axis
+    _label_known_forms(ax, rec, best)
     ax.set_xlabel("density (g/cm$^3$)")
     ax.set_ylabel(f"relative reference energy ({u} per molecule)")
     ax.set_title(f"{title}: {len(stable)} measured of {len(rec.names)}")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return _save(fig, path)
+
+
+def _label_known_forms(ax, rec: CampaignRecord, best: float) -> None:
+    """Mark and name the experimentally known forms: at their measured energy, else (grey, italic) at
+    the pool's reference energy when the pool knows it; unmeasured forms of an unknown landscape are left out."""
+    if rec.known_form is None:
+        return
+    drawn = False
+    for i in np.flatnonzero(rec.known_form != ""):
+        status, e = rec.results.get(int(i), ("", None))
+        if status == STABLE and e is not None:
+            y, style = e - best, dict(color="k", fontstyle="normal")
+        elif np.isfinite(rec.energy_ref_pool[i]) and status not in ("unstable", "failed"):
+            y, style = rec.energy_ref_pool[i] - best, dict(color="0.45", fontstyle="italic")
+        else:
+            continue
+        ax.scatter([rec.density[i]], [y], marker="*", s=140, facecolors="none", edgecolors="tab:red", lw=1.0,
+                   zorder=5, label=None if drawn else "known form (grey: not measured)")
+        ax.annotate(str(rec.known_form[i]), (rec.density[i], y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=7, zorder=6, **style)
+        drawn = True
+
+
+def measured_stable(rec: CampaignRecord) -> np.ndarray:
+    """Pool indices of the measured stable structures, lowest reference energy first."""
+    rows = [i for i, (s, e) in rec.results.items() if s == STABLE and e is not None]
+    return np.array(sorted(rows, key=lambda i: (rec.results[i][1], i)), dtype=int)
+
+
+def plot_parity(rec: CampaignRecord, path: Path) -> Path:
+    """Force-field (left) and predicted (right) against measured reference energy, per molecule.
+
+    Reference energies are relative to the best; force-field energies relative to the lowest
+    force-field energy among the measured. The prediction is the one made when the structure was
+    picked (before it was measured: out of sample), with its sigma; the initial batch has none.
+    The window (best + window) is shaded on the reference axis.
+    """
+    title = "Parity"
+    rows = measured_stable(rec)
+    if not len(rows):
+        return _no_data(path, title, "no reference energy measured yet")
+    u, w, best = rec.unit, rec.window, rec.best
+    e_ref = np.array([rec.results[i][1] for i in rows]) - best
+    e_ff = rec.energy_ff[rows] - rec.energy_ff[rows].min()
+    inside = e_ref <= w + 1e-12
+    fig, (left, right) = _figure(12.0, 5.5, ncols=2)
+    for ax in (left, right):
+        ax.axvspan(min(0.0, e_ref.min()), w, color="tab:green", alpha=0.12, lw=0, label=f"window ({w:g} {u})")
+        ax.grid(alpha=0.3)
+    left.scatter(e_ref[~inside], e_ff[~inside], s=22, c="tab:blue", edgecolors="k", lw=0.3, label="measured")
+    left.scatter(e_ref[inside], e_ff[inside], s=34, c="tab:green", edgecolors="k", lw=0.5,
+                 label=f"measured in the window ({inside.sum()})")
+    if len(rows) > 2:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr(e_ref, e_ff).statistic
+        left.set_title(f"force field against reference ({len(rows)} measured, Spearman {rho:.2f})")
+    else:
+        left.set_title(f"force field against reference ({len(rows)} measured)")
+    left.set_xlabel(f"reference energy - best ({u} per molecule)")
+    left.set_ylabel(f"force-field energy - lowest measured ({u} per molecule)")
+    left.legend(fontsize=8, loc="upper left")
+    picked = {p[0]: (p[4], p[5]) for p in rec.picks if p[4] is not None}
+    have = np.array([i in picked for i in rows])
+    if have.any():
+        mu = np.array([picked[i][0] for i in rows[have]]) - best
+        sigma = np.array([picked[i][1] if picked[i][1] is not None else 0.0 for i in rows[have]])
+        x = e_ref[have]
+        right.errorbar(x, mu, yerr=sigma, fmt="o", ms=4, color="tab:purple", ecolor="0.6", elinewidth=0.8,
+                       label=f"predicted when picked, +/- sigma ({have.sum()})")
+        lo, hi = float(min(x.min(), mu.min(), 0.0)), float(max(x.max(), mu.max(), w))
+        right.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+        right.axhline(w, color="tab:green", lw=0.8, ls=":")
+        rmse = float(np.sqrt(np.mean((mu - x) ** 2)))
+        right.set_title(f"predicted against reference (RMSE {rmse:.2f} {u} per molecule)")
+    else:
+        right.text(0.5, 0.5, "no structure measured after a prediction yet\n(the initial batch has none)",
+                   ha="center", va="center", transform=right.transAxes)
+        right.set_title("predicted against reference")
+    right.set_xlabel(f"reference energy - best ({u} per molecule)")
+    right.set_ylabel(f"predicted reference energy - best ({u} per molecule)")
+    right.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_rank(rec: CampaignRecord, path: Path) -> Path:
+    """Rank of each measured structure by force-field energy in the pool against its reference rank.
+
+    A perfect force field puts every point on the diagonal; the dashed line is the force-field rank
+    a force-field-ordered reranking would have to reach to find every window structure measured so far.
+    """
+    title = "Rank"
+    rows = measured_stable(rec)
+    if not len(rows):
+        return _no_data(path, title, "no reference energy measured yet")
+    ff_rank = np.argsort(np.argsort(rec.energy_ff, kind="stable"), kind="stable") + 1
+    x = ff_rank[rows]
+    y = np.arange(1, len(rows) + 1)  # rows are sorted by reference energy
+    e_ref = np.array([rec.results[i][1] for i in rows]) - rec.best
+    inside = e_ref <= rec.window + 1e-12
+    fig, ax = _figure(8.5, 5.5)
+    ax.scatter(x[~inside], y[~inside], s=20, c="tab:blue", edgecolors="k", lw=0.3, label="measured")
+    ax.scatter(x[inside], y[inside], s=34, c="tab:green", edgecolors="k", lw=0.5,
+               label=f"in the window ({inside.sum()})")
+    top = int(x[inside].max())
+    ax.axvline(top, color="tab:red", ls="--", lw=1,
+               label=f"force-field order needs {top} calls for these {inside.sum()}")
+    ax.set_xlim(0, len(rec.names) + 1)
+    ax.set_ylim(0, len(rows) + 1)
+    ax.set_xlabel(f"force-field rank in the pool (1 = lowest of {len(rec.names)})")
+    ax.set_ylabel(f"reference rank among the measured (1 = best of {len(rows)})")
+    ax.set_title(f"{title}: force field against reference, {len(rows)} measured")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
@@ -597,11 +809,18 @@ PLOTS = (
     ("expected_improvement.png", plot_expected_improvement, "Expected improvement per iteration"),
     ("energy_density.png", plot_energy_density, "Predicted energy density of the pool, last iteration"),
     ("learning_curve.png", plot_learning_curve, "Learning curve"),
+    ("parity.png", plot_parity, "Force-field and predicted against reference energy"),
+    ("rank.png", plot_rank, "Force-field rank against reference rank"),
 )
 
 
-def found_table(rec: CampaignRecord) -> list[dict]:
-    """The measured stable structures within the window of the best, lowest first."""
+def found_table(rec: CampaignRecord, duplicate_of: dict | None = None) -> list[dict]:
+    """The measured stable structures within the window of the best, lowest first.
+
+    ``duplicate_of`` (pool index -> name of the lowest-energy structure of its duplicate group,
+    :meth:`graceq.polymorphs.CampaignDuplicates.representative_of`) fills the ``duplicate_of``
+    column ("" for a structure that represents its group).
+    """
     best = rec.best
     if best is None:
         return []
@@ -609,13 +828,87 @@ def found_table(rec: CampaignRecord) -> list[dict]:
     ff_rank = np.argsort(np.argsort(rec.energy_ff)) + 1
     rows = [
         {"name": str(rec.names[i]), "relative_ref": e - best, "relative_ff": float(rec.energy_ff[i] - rec.energy_ff.min()),
-         "ff_rank": int(ff_rank[i]), "density": float(rec.density[i]), "iteration": it_of.get(i)}
+         "ff_rank": int(ff_rank[i]), "density": float(rec.density[i]), "iteration": it_of.get(i),
+         "duplicate_of": "" if duplicate_of is None or duplicate_of.get(i, str(rec.names[i])) == str(rec.names[i])
+         else duplicate_of[i],
+         "known_form": str(rec.known_form[i]) if rec.known_form is not None else ""}
         for i, (s, e) in rec.results.items() if s == STABLE and e is not None and e <= best + rec.window
     ]
     return sorted(rows, key=lambda r: r["relative_ref"])
 
 
-def _html(rec: CampaignRecord, images: list[tuple[Path, str]]) -> str:
+def _utc(seconds: float | None) -> str:
+    from datetime import datetime, timezone
+
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
+
+
+def provenance(root: str | Path) -> tuple[list[tuple[str, str]], str]:
+    """What produced this campaign: (rows of facts, the settings.toml text).
+
+    Facts: campaign id, engine, seed, pool source, graceq version writing the report, library
+    versions, the dates of the first reference job sent, the first and last result received and
+    the last iteration finished (UTC), and the wall time from the first job to the last iteration.
+    """
+    import platform
+    import sqlite3
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    from graceq import __version__
+
+    paths = CampaignPaths(root)
+    settings = load_settings(paths.settings)
+    store = CampaignStore(paths.root)
+    try:
+        campaign_id = store.get_meta("campaign_id")
+    finally:
+        store.close()
+    # read-only look at the coordinator's timestamps (the store has no accessor for these)
+    with sqlite3.connect(f"file:{paths.state}?mode=ro", uri=True) as db:
+        first_sent = db.execute("SELECT MIN(sent_at) FROM jobs").fetchone()[0]
+        first_result, last_result = db.execute("SELECT MIN(received), MAX(received) FROM results").fetchone()
+        last_iteration = db.execute("SELECT MAX(finished) FROM iterations").fetchone()[0]
+    source = "-"
+    if paths.pool_meta.exists():
+        source = str(json.loads(paths.pool_meta.read_text()).get("source", "-"))
+    start = min((t for t in (first_sent, first_result) if t is not None), default=None)
+    libraries = []
+    for package in ("numpy", "scikit-learn", "ase", "featomic", "celery", "pymatgen"):
+        try:
+            libraries.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    c = settings.campaign
+    rows = [
+        ("campaign id", str(campaign_id)),
+        ("engine", str(settings.engine.engine)),
+        ("seed", str(c.seed)),
+        ("pool", f"{source} ({c.unit}, totals per cell)"),
+        ("settings", f"window {c.window:g} {c.unit} per molecule, n_init {c.n_init}, n_batch {c.n_batch}, "
+                     f"p_conv target {c.p_conv_target:g}, budget {c.budget or 'none'}"),
+        ("graceq", f"{__version__} (this report)"),
+        ("software", f"Python {platform.python_version()}; " + ", ".join(libraries)),
+        ("first reference job sent", _utc(first_sent)),
+        ("first result received", _utc(first_result)),
+        ("last result received", _utc(last_result)),
+        ("last iteration finished", _utc(last_iteration)),
+        ("wall time", _duration(last_iteration - start) + " (first job sent to last iteration finished)"
+         if start is not None and last_iteration is not None else "-"),
+        ("report written", _utc(time.time())),
+    ]
+    return rows, paths.settings.read_text() if paths.settings.exists() else ""
+
+
+def _html(rec: CampaignRecord, images: list[tuple[Path, str]], origin=None, duplicates=None) -> str:
     u = html.escape(rec.unit)
     last = rec.iterations[-1] if rec.iterations else {}
     n_calls = sum(1 for s, _ in rec.results.values() if s in (STABLE, "unstable", "failed"))
@@ -630,6 +923,9 @@ def _html(rec: CampaignRecord, images: list[tuple[Path, str]]) -> str:
         ("window", f"{rec.window:g} {rec.unit} per molecule above the best"),
         ("best", f"{rec.best:.3f} {rec.unit} per molecule" if rec.best is not None else "-"),
     ]
+    if duplicates is not None:
+        facts.append(("unique crystals", f"{duplicates.n_window_unique} of the {duplicates.n_window} measured window "
+                                         f"structures ({duplicates.settings.describe()})"))
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>graceq report</title>",
         "<style>body{font-family:sans-serif;max-width:1250px;margin:auto;padding:1em}"
@@ -639,16 +935,26 @@ def _html(rec: CampaignRecord, images: list[tuple[Path, str]]) -> str:
     ]
     parts += [f"<tr><th>{html.escape(k)}</th><td class='l'>{html.escape(v)}</td></tr>" for k, v in facts]
     parts.append("</table>")
-    found = found_table(rec)
-    parts.append(f"<h2>Structures found within the window ({len(found)})</h2>")
+    found = found_table(rec, duplicates.representative_of() if duplicates is not None else None)
+    unique = f", {duplicates.n_window_unique} unique" if duplicates is not None else ""
+    parts.append(f"<h2>Structures found within the window ({len(found)}{unique})</h2>")
     parts.append(f"<table><tr><th>name</th><th>E_ref - best ({u}/mol)</th><th>E_ff - min E_ff ({u}/mol)</th>"
-                 "<th>force-field rank</th><th>density (g/cm<sup>3</sup>)</th><th>iteration sampled</th></tr>")
+                 "<th>force-field rank</th><th>density (g/cm<sup>3</sup>)</th><th>iteration sampled</th>"
+                 "<th>duplicate of</th><th>known form</th></tr>")
     for r in found:
         parts.append(f"<tr><td class='l'>{html.escape(r['name'])}</td><td>{r['relative_ref']:.3f}</td>"
                      f"<td>{r['relative_ff']:.3f}</td><td>{r['ff_rank']}</td><td>{r['density']:.4f}</td>"
-                     f"<td>{r['iteration']}</td></tr>")
+                     f"<td>{r['iteration']}</td><td class='l'>{html.escape(r['duplicate_of'])}</td>"
+                     f"<td class='l'>{html.escape(r['known_form'])}</td></tr>")
     parts.append("</table><p>Every structure, with predictions: <code>structures.csv</code> in the campaign "
                  "directory.</p>")
+    if origin is not None:
+        rows, settings_text = origin
+        parts.append("<h2>Provenance</h2><table id='provenance'>")
+        parts += [f"<tr><th>{html.escape(k)}</th><td class='l'>{html.escape(v)}</td></tr>" for k, v in rows]
+        parts.append("</table>")
+        parts.append(f"<details><summary>settings.toml</summary><pre id='settings'>{html.escape(settings_text)}"
+                     "</pre></details>")
     for image, caption in images:
         data = base64.b64encode(image.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(caption)}</h2>")
@@ -665,6 +971,9 @@ def write_report(root: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     images = [(plot(rec, folder / name), caption) for name, plot, caption in PLOTS]
     page = folder / "report.html"
-    atomic_write_bytes(page, _html(rec, images).encode())
+    from graceq.polymorphs import campaign_duplicates
+
+    duplicates = campaign_duplicates(paths.root, scope="window")
+    atomic_write_bytes(page, _html(rec, images, provenance(paths.root), duplicates).encode())
     page.chmod(0o644)  # a report is for sharing (the atomic write creates 0600 files)
     return [p for p, _ in images] + [page]

@@ -237,3 +237,138 @@ window.addEventListener('load', () => {
     assert n_images == len(PLOT_NAMES)
     assert n_loaded == n_images
     assert all(w >= 600 for w in widths), widths
+
+
+# -- issue 11: parity and rank plots, known forms, units, provenance, unique counts ---------------
+@pytest.fixture(scope="module")
+def figures(campaign, tmp_path_factory):
+    """Every plot drawn again from the campaign record, its matplotlib figure kept for inspection."""
+    folder = tmp_path_factory.mktemp("figures")
+    rec = report.load_record(campaign)
+    kept = {}
+    original = report._save
+
+    def keep(fig, path):
+        # an x axis shared by stacked panels is labelled once, under the bottom one
+        kept[path.name] = [(ax.get_label(),
+                            next((s.get_xlabel() for s in ax.get_shared_x_axes().get_siblings(ax) if s.get_xlabel()), ""),
+                            ax.get_ylabel(), [t.get_text() for t in ax.texts],
+                            [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
+                            len(ax.collections) + len(ax.lines) + len(ax.patches))
+                           for ax in fig.axes]
+        return original(fig, path)
+
+    report._save = keep
+    try:
+        for name, plot, _ in report.PLOTS:
+            plot(rec, folder / name)
+    finally:
+        report._save = original
+    return rec, kept
+
+
+def test_new_plots_are_listed():
+    assert {"parity.png", "rank.png"} <= set(PLOT_NAMES)
+
+
+def test_every_plotted_axis_is_labelled_with_units(figures):
+    rec, kept = figures
+    assert set(kept) == set(PLOT_NAMES)
+    energy_words = ("energy", "RMSE", "EI")
+    for name, axes in kept.items():
+        drawn = [a for a in axes if a[0] != "<colorbar>" and a[5] > 0]
+        assert drawn, name
+        for label, xlabel, ylabel, *_ in drawn:
+            assert xlabel.strip() and ylabel.strip(), (name, xlabel, ylabel)
+            for text in (xlabel, ylabel):
+                if any(w in text for w in energy_words) and "structures" not in text:
+                    assert f"({rec.unit}" in text, (name, text)
+                if "density" in text:
+                    assert "g/cm" in text, (name, text)
+
+
+def test_known_forms_are_labelled_on_the_landscape(campaign, figures):
+    from ase.io import read
+
+    rec, kept = figures
+    frames = read(campaign.parent / "roy60.extxyz", ":")
+    known = {str(f.info["name"]) for f in frames if f.info["known_form"]}
+    assert len(known) >= 2  # 0001_Y and 0005_YN at least
+    assert {str(x) for x in rec.known_form if x} == known
+    assert [str(rec.names[i]) for i in np.flatnonzero(rec.known_form != "")] == \
+        [str(f.info["name"]) for f in frames if f.info["known_form"]]
+    texts = [t for a in kept["landscape.png"] for t in a[3]]
+    assert sorted(texts) == sorted(known)  # replay pool: every form has a reference energy to stand at
+
+
+def test_rank_plot_states_the_force_field_order_calls(campaign, figures):
+    rec, kept = figures
+    best = rec.best
+    window = [i for i, (s, e) in rec.results.items() if s == "converged" and e <= best + rec.window]
+    # direct: the force-field rank of the last window structure a force-field-ordered reranking meets
+    calls = max(1 + sum(1 for e in rec.energy_ff if e < rec.energy_ff[i]) for i in window)
+    legend = [t for a in kept["rank.png"] for t in a[4]]
+    assert f"force-field order needs {calls} calls for these {len(window)}" in legend
+
+
+def test_parity_plot_compares_predictions_made_before_measuring(campaign, figures):
+    rec, kept = figures
+    picked_later = [p for p in rec.picks if p[1] > 0 and rec.results.get(p[0], ("",))[0] == "converged"]
+    assert picked_later
+    legend = [t for a in kept["parity.png"] for t in a[4]]
+    assert f"predicted when picked, +/- sigma ({len(picked_later)})" in legend
+    assert f"measured in the window ({len(report.found_table(rec))})" in legend
+
+
+def test_structures_csv_headers_carry_units(campaign):
+    import csv
+
+    with open(campaign / "structures.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames
+        rows = list(reader)
+    unitless = {"name", "n_atoms", "iteration_sampled", "outcome", "duplicate_group", "duplicate_of"}
+    for column in header:
+        if column not in unitless:
+            assert column.endswith("]") and "[" in column, column
+    energy = [c for c in header if "energy" in c or "ref" in c or "sigma" in c]
+    assert energy and all(c.endswith("[kJ/mol per molecule]") for c in energy), energy
+    assert "density [g/cm^3]" in header
+    rec = report.load_record(campaign)
+    for i, row in enumerate(rows):
+        assert float(row["density [g/cm^3]"]) == pytest.approx(rec.density[i], rel=1e-12)
+        if i in rec.results and rec.results[i][0] == "converged":
+            assert float(row["measured_ref - best [kJ/mol per molecule]"]) == pytest.approx(
+                rec.results[i][1] - rec.best, abs=1e-9)
+
+
+def test_unique_counts_beside_raw_counts(campaign):
+    summary = json.loads((campaign / "summary.json").read_text())
+    assert summary["n_found"] == len(summary["found"])
+    # the 60 ROY structures of this campaign are 60 distinct crystals (Beran et al.'s landscape)
+    assert summary["n_found_unique"] == summary["n_found"] and summary["duplicate_groups"] == []
+    assert summary["found_unique"] == summary["found"]
+    assert "StructureMatcher" in summary["duplicate_method"]
+    out = run_cli("status", str(campaign)).stdout
+    assert f"unique     {summary['n_found_unique']} distinct crystals among the {summary['n_found']} measured" in out
+
+
+def test_report_html_provenance(campaign):
+    import re
+
+    from graceq import __version__
+
+    page = (campaign / "report" / "report.html").read_text()
+    block = page[page.index("<table id='provenance'>"):]
+    block = block[:block.index("</table>")]
+    facts = dict(re.findall(r"<tr><th>([^<]+)</th><td class='l'>([^<]*)</td></tr>", block))
+    assert facts["engine"] == "replay" and facts["seed"] == "0"
+    assert facts["graceq"].startswith(__version__)
+    for key in ("first reference job sent", "first result received", "last iteration finished", "report written"):
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC", facts[key]), (key, facts[key])
+    assert facts["first reference job sent"] <= facts["last iteration finished"] <= facts["report written"]
+    minutes = re.match(r"(\d+) min (\d+) s", facts["wall time"])
+    assert minutes and 0 < int(minutes[1]) * 60 + int(minutes[2]) < 3600, facts["wall time"]
+    settings = page[page.index("<pre id='settings'>"):]
+    assert "[campaign]" in settings and "window = 5.0" in settings
+    assert "unique crystals" in page
