@@ -429,12 +429,18 @@ class Dispatcher:
         """
         landed = []
         missing = []
+        rejected = []
         for i in sorted(self.in_flight):
             path = self.paths.result(i)
             if path.exists():
-                landed.append((i, json.loads(path.read_text())))
+                record = self._checked(i, path)
+                if record is None:
+                    rejected.append(i)
+                else:
+                    landed.append((i, record))
             else:
                 missing.append(i)
+        self._resend_rejected(rejected)
         submitted = [i for i in missing if (self.paths.job_dir(i) / SUBMITTED).exists()]
         if submitted:
             answers = self.engine.poll([self.paths.job_dir(i) for i in submitted])
@@ -447,6 +453,31 @@ class Dispatcher:
             self.in_flight.discard(i)
         return sorted(landed, key=lambda item: item[0])
 
+    def _checked(self, idx: int, path: Path) -> dict | None:
+        """The result record of job idx when it may count (graceq.trust: readable, the name and task
+        id that were sent, a known status, a finite energy, the pool's composition); else None, the
+        file moved to results/rejected/ with the reason."""
+        from graceq import trust
+        from graceq.io import read_frames_db
+
+        task_id = self.store.jobs().get(idx, (None,))[0]
+        numbers = read_frames_db(self.paths.structures, [idx])[0].numbers
+        return trust.accept_result(path, str(self.names[idx]), task_id, numbers, expected_idx=idx)
+
+    def _resend_rejected(self, rejected: list[int]) -> None:
+        """A rejected result counts as a lost job: sent again under the attempt rules."""
+        from graceq.engines import ReferenceResult
+
+        jobs = self.store.jobs()
+        for i in rejected:
+            task_id, _, attempts = jobs[i]
+            if attempts >= self._rt.max_attempts:
+                failed = ReferenceResult.failed(str(self.names[i]), f"{attempts} results rejected (results/rejected/)")
+                atomic_write_json(self.paths.result(i), dict(failed.to_json(), idx=int(i), task_id=task_id))
+            else:
+                self.say(f"the result of {self.names[i]} was rejected (results/rejected/); sending the job again")
+                self.send(i)
+
     def _write_polled(self, idx: int, result) -> dict:
         """The result file of a job that ended out of band: the job's own record (compute host, job
         id) under the engine's verdict."""
@@ -456,7 +487,7 @@ class Dispatcher:
             record = json.loads((self.paths.job_dir(idx) / JOB_RESULT).read_text())
         except (FileNotFoundError, ValueError):
             record = {}
-        record.update(result.to_json(), idx=int(idx))
+        record.update(result.to_json(), idx=int(idx), task_id=self.store.jobs()[idx][0])
         atomic_write_json(self.paths.result(idx), record)
         return record
 
@@ -480,7 +511,7 @@ class Dispatcher:
             died = died or (beat is not None and beat >= sent_at)
             if attempts >= rt.max_attempts:  # a job that kills its worker must not loop for ever
                 lost = ReferenceResult.failed(str(self.names[i]), f"lost its worker {attempts} times")
-                atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i)))
+                atomic_write_json(self.paths.result(i), dict(lost.to_json(), idx=int(i), task_id=jobs[i][0]))
             else:
                 self.say(f"job {self.names[i]} lost its worker; sending it again")
                 self.send(i)

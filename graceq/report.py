@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graceq.campaign import STABLE, per_molecule, risk_statement
+from graceq.provenance import provenance
 from graceq.config import load_settings
 from graceq.polymorphs import AMU_PER_A3_TO_G_PER_CM3, cell_density_gcm3  # noqa: F401 (re-exported)
 from graceq.store import CampaignPaths, CampaignStore, atomic_write_bytes, atomic_write_json
@@ -176,6 +177,7 @@ def write_summary(root: str | Path) -> dict:
         "p_conv": last.get("p_conv"),
         "hindsight": (known := hindsight(paths, store.picks(), window, settings.campaign.unit)),
         "recall_note": None if known is None else known["note"],
+        "provenance": provenance(paths.root),
         "iterations": [
             {k: it.get(k) for k in ("iteration", "risk", "p_conv", "residual", "n_expected", "test_rmse",
                                     "calibration", "ridge_lambda", "error_law_df", "error_law_scale",

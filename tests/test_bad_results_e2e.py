@@ -19,11 +19,6 @@ import pytest
 
 from conftest import GRACEQ, picks_of, run_cli, settings_text
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("GRACEQ_TEST_RESULT_CHECKS_WIRED") != "1",
-    reason="the coordinator's ingest does not call trust.accept_result yet (issue 10 report: wire it in)",
-)
-
 #: kind -> how the planted file is made from (structure name, a neighbour's name, the task id sent)
 BAD = {
     "truncated": lambda name, other, tid: json.dumps({"name": name, "status": "converged", "energy": -1.0})[:25],
