@@ -58,7 +58,9 @@ def _view_and_settings(n=120, labelled=50):
     results = {i: ("converged", float(y[i] * 4)) for i in range(labelled)}  # delta per atom = y
     view = cp.CampaignView(n_atoms=n_atoms, energy_ff=energy_ff, atoms_per_molecule=4,
                            picks=list(range(labelled)), results=results)
-    settings = settings_from_dict({"campaign": {"pool": "pool.extxyz", "window": 0.5, "n_batch": 3}})
+    # EI with the Kriging-Believer: the acquisition whose picks the believed pending jobs must move
+    settings = settings_from_dict({"campaign": {"pool": "pool.extxyz", "window": 0.5, "n_batch": 3,
+                                                "acquisition": "ei"}})
     return X, y, view, settings
 
 
@@ -69,7 +71,7 @@ def test_with_nothing_pending_the_arrival_decision_is_the_batch_decision():
     arrival = steering.decide_on_arrival(view, model, X, settings, 7, fitted_rows=range(50), pending=[],
                                          free_slots=3)
     np.testing.assert_array_equal(arrival.picks, batch.picks)
-    assert arrival.stop == batch.stop and dict(arrival.stats, n_pending=None) == dict(batch.stats, n_pending=None)
+    assert arrival.stop == batch.stop and dict(arrival.stats.to_json(), n_pending=None) == dict(batch.stats.to_json(), n_pending=None)
 
 
 def test_results_since_the_fit_and_pending_jobs_change_the_next_picks_deterministically():
@@ -82,12 +84,12 @@ def test_results_since_the_fit_and_pending_jobs_change_the_next_picks_determinis
     assert len(again.picks) == 2 and not set(again.picks) & set(first.picks)
     replay = steering.decide_on_arrival(sent, model, X, settings, 2, range(45), pending=first.picks, free_slots=2)
     np.testing.assert_array_equal(again.picks, replay.picks)
-    assert again.stats["n_reference_calls"] == 52 and again.stats["n_pending"] == 2
+    assert again.stats.n_reference_calls == 52 and again.stats.n_pending == 2
     # the pending jobs are believed: a committee that ignores them picks otherwise
     ignoring = steering.decide_on_arrival(sent, model, X, settings, 2, range(45), pending=[], free_slots=2)
     assert list(again.picks) != list(ignoring.picks)
     # the stop check counts the pending jobs as unmeasured: p_conv is that of before they were sent
-    assert again.stats["p_conv"] == first.stats["p_conv"]
+    assert again.stats.p_conv == first.stats.p_conv
 
 
 def test_the_budget_counts_pending_jobs_and_no_slot_means_no_pick():
