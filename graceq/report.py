@@ -896,7 +896,9 @@ def provenance(root: str | Path) -> tuple[list[tuple[str, str]], str]:
         ("seed", str(c.seed)),
         ("pool", f"{source} ({c.unit}, totals per cell)"),
         ("settings", f"window {c.window:g} {c.unit} per molecule, n_init {c.n_init}, n_batch {c.n_batch}, "
-                     f"p_conv target {c.p_conv_target:g}, budget {c.budget or 'none'}"),
+                     f"acquisition {c.acquisition}, mode {c.mode}, stop rule {c.stop_rule} ("
+                     + (f"risk {c.risk:g} at {c.risk_confidence:.0%} confidence" if c.stop_rule == "risk"
+                        else f"p_conv target {c.p_conv_target:g}") + f"), budget {c.budget or 'none'}"),
         ("graceq", f"{__version__} (this report)"),
         ("software", f"Python {platform.python_version()}; " + ", ".join(libraries)),
         ("first reference job sent", _utc(first_sent)),
