@@ -179,20 +179,20 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self._fits: dict = {}  # fit number -> Future of the calibrated committee (async mode)
         self._executor = None
+        self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
 
-    # -- settings of the asynchronous mode, read defensively (config.py may not declare them yet) --
+    # -- settings of the asynchronous mode --
     @property
     def mode(self) -> str:
-        return str(getattr(self.settings.campaign, "mode", "batch"))
+        return self.settings.campaign.mode
 
     @property
     def slots(self) -> int:
-        return int(getattr(self.settings.campaign, "slots", 8))
+        return self.settings.campaign.slots
 
     @property
     def refit_every(self) -> int:
-        return int(getattr(self.settings.campaign, "refit_every", 0) or self.slots)
-        self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
+        return self.settings.campaign.refit_every or self.slots
 
     # -- plumbing --
     def _bar(self, total: int, desc: str):

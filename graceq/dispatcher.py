@@ -296,7 +296,7 @@ class Dispatcher:
 
     @property
     def retry_for_s(self) -> float:
-        return float(getattr(self._rt, "send_retry_for", 900.0))
+        return float(self._rt.send_retry_for)
 
     def _send(self, task, args: list, task_id: str, output: Path | None = None) -> None:
         if output is not None:  # an earlier failure's reason must not stop the new attempt
