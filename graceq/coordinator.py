@@ -272,7 +272,6 @@ class Coordinator:
     def fit_committee(self, view: cp.CampaignView, features: np.ndarray, iteration: int):
         """Refit due: fit the iteration's committee through `fit` tasks and calibrate it on the held-out rows."""
         from graceq import tasks
-        from graceq.model import CommitteeRidge
 
         self.lock.set_stage(f"iteration {iteration}: fitting the committee")
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
@@ -344,17 +343,22 @@ class Coordinator:
                 self.workers = None
             self.lock.release()
 
+    def pick_initial_batch(self, features: np.ndarray) -> None:
+        """The farthest-point initial batch, once per campaign (both modes start with it)."""
+        if self.store.last_pick_iteration() is None:
+            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
+                                     self.settings.campaign.n_init)
+            with self.store.transaction() as db:
+                self.store.add_picks(db, 0, first.tolist())
+
     def _loop(self, write_summary) -> dict:
         """Synchronous rounds (mode "batch"): send the batch, collect it, refit, decide, repeat."""
         if (resumed := self.store.last_pick_iteration()) is not None:
             self._say(f"resuming at iteration {resumed} ({len(self.store.results())} reference results stored)")
         features = self.ensure_features()
         c = self.settings.campaign
-        if self.store.last_pick_iteration() is None:
-            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
-            with self.store.transaction() as db:
-                self.store.add_picks(db, 0, first.tolist())
-        elif not self.store.iterations() and len(self.store.picks()) < c.n_init:
+        self.pick_initial_batch(features)
+        if not self.store.iterations() and len(self.store.picks()) < c.n_init:
             # n_init raised before the first fit (`graceq run --n-init`): farthest point sampling is greedy,
             # so the larger batch starts with the picks made and goes on as a campaign started with it would
             first, made = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
@@ -462,11 +466,7 @@ class Coordinator:
     def _async_loop(self, write_summary) -> dict:
         """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival."""
         features = self.ensure_features()
-        c = self.settings.campaign
-        if self.store.last_pick_iteration() is None:
-            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), c.n_init)
-            with self.store.transaction() as db:
-                self.store.add_picks(db, 0, first.tolist())
+        self.pick_initial_batch(features)
         n0 = self._n_initial()
         self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
         decided = {it["iteration"]: it for it in self.store.iterations()}

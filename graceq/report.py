@@ -853,7 +853,7 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
 
 
-def provenance(root: str | Path) -> tuple[list[tuple[str, str]], str]:
+def provenance_rows(root: str | Path) -> tuple[list[tuple[str, str]], str]:
     """What produced this campaign: (rows of facts, the settings.toml text).
 
     Facts: campaign id, engine, seed, pool source, graceq version writing the report, library
@@ -978,6 +978,6 @@ def write_report(root: str | Path) -> list[Path]:
     from graceq.polymorphs import campaign_duplicates
 
     duplicates = campaign_duplicates(paths.root, scope="window")
-    atomic_write_bytes(page, _html(rec, images, provenance(paths.root), duplicates).encode())
+    atomic_write_bytes(page, _html(rec, images, provenance_rows(paths.root), duplicates).encode())
     page.chmod(0o644)  # a report is for sharing (the atomic write creates 0600 files)
     return [p for p, _ in images] + [page]

@@ -53,6 +53,20 @@ def bundled(*parts: str) -> Path:
     return Path(str(files("graceq").joinpath("data", *parts)))
 
 
+def load_retro():
+    """benchmarks/retro.py as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    name = "graceq_retro_benchmark"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "retro.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

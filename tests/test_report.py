@@ -7,12 +7,10 @@ engine) on 60 ROY structures, n_init 10, n_batch 5, two iterations.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image
 from scipy.stats import norm
 
-from conftest import bundled, run_cli, write_subset
+from conftest import bundled, load_retro, run_cli, write_subset
 from graceq import report
 from graceq.config import load_settings
 
@@ -130,21 +128,9 @@ def _picks(campaign):
         return db.execute("SELECT idx, rank, iteration FROM picks ORDER BY iteration, rank").fetchall()
 
 
-def _load_retro():
-    """benchmarks/retro.py as a module (the benchmarks folder is not a package)."""
-    name = "graceq_retro_benchmark"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "retro.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def test_retro_benchmark_replays_the_coordinator(campaign, tmp_path):
     """benchmarks/retro.py's in-process campaign: same features, statistics and picks as the real run."""
-    retro = _load_retro()
+    retro = load_retro()
     settings = load_settings(campaign / "settings.toml")
     pool = retro.load_pool(settings.campaign.pool, settings.campaign.unit)
     features = retro.campaign_features(pool, settings, tmp_path)
@@ -167,7 +153,7 @@ def test_retro_figures_by_hand():
     """calls_to_full_recall / calls_at_stop / recall_at_stop / stated risk on a small made-up trace."""
     from types import SimpleNamespace
 
-    retro = _load_retro()
+    retro = load_retro()
 
     def stats(risk, p_conv):
         return SimpleNamespace(risk=risk, p_conv=p_conv)

@@ -5,28 +5,15 @@ stop, where the seed's p_conv rule stops without it.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import load_retro
 from graceq import campaign as cp
 from graceq import convergence as conv
 from graceq.config import settings_from_dict
-
-
-def _load_retro():
-    name = "graceq_retro_benchmark"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "retro.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # -- the error law and the stated risk, against direct formulas --------------------------------------
@@ -133,7 +120,7 @@ def planted_landscape(seed: int, n: int = 300, above: float = 20.0):
 
 def run_planted(seed: int, **campaign):
     """A replay campaign on the planted landscape (in-process, the coordinator's decisions), to its stop."""
-    retro = _load_retro()
+    retro = load_retro()
     X, e_ff, e_ref, planted = planted_landscape(seed)
     n = len(e_ff)
     pool = retro.ReplayPool(
@@ -174,7 +161,7 @@ def test_the_maximum_likelihood_law_alone_is_not_enough():
 
 
 def test_the_benchmark_calibration_table_by_hand():
-    retro = _load_retro()
+    retro = load_retro()
     runs = [{"risk_history": [None, 3.0, 0.5, 0.01], "missed_history": [5, 2, 1, 0]},
             {"risk_history": [0.3, 0.04], "missed_history": [0, 0]}]
     table = {row["stated_from"]: row for row in retro.calibration(runs)}
