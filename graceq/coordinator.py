@@ -480,8 +480,10 @@ class Coordinator:
         try:
             while self.dispatcher.in_flight:
                 landed = self.dispatcher.arrivals()
-                if not landed:
-                    self.dispatcher.idle()
+                if landed:
+                    self.dispatcher.progressed()
+                else:
+                    self.dispatcher.idle(("dft",))
                 for idx, record in landed:  # result -> store; slots free -> pick -> send
                     if not self.on_result(idx, record):
                         continue

@@ -39,6 +39,10 @@ class TaskError(RuntimeError):
     """A worker could not do a task; the message carries the worker's reason."""
 
 
+#: s without any output landing before graceq asks the broker whether anyone consumes the queue
+NO_WORKER_AFTER_S = 20.0
+
+
 class LeaseLost(RuntimeError):
     """This worker's lease was taken over (it was paused or cut off for longer than the lease)."""
 
@@ -288,6 +292,8 @@ class Dispatcher:
         self.say = say
         self.in_flight: set[int] = set()   # reference jobs sent and without a collected result
         self._engine = None
+        self._quiet_since: float | None = None   # s since the epoch: nothing landed from then on
+        self._probed_at = 0.0
 
     # -- settings read defensively: new keys that config.py may not declare yet --
     @property
@@ -303,11 +309,40 @@ class Dispatcher:
             error_file(output).unlink(missing_ok=True)
         send_task(task, args, task_id, self.retry_for_s, self.say)
 
-    def idle(self) -> None:
-        """Wait a poll interval (checking that the embedded workers live)."""
+    def idle(self, queues=()) -> None:
+        """Wait a poll interval (checking that the embedded workers live, or, on a broker, that
+        someone consumes the ``queues`` the campaign waits on)."""
         if self.check_workers is not None:
             self.check_workers()
+        else:
+            self._hint_unconsumed(queues)
         time.sleep(self.settings.runtime.poll_interval)
+
+    def progressed(self) -> None:
+        """Something landed: the campaign is not stalled."""
+        self._quiet_since = None
+
+    def _hint_unconsumed(self, queues) -> None:
+        """After ``NO_WORKER_AFTER_S`` without progress, ask the broker who consumes the queues
+        waited on (Celery's inspect/active_queues, every ``NO_WORKER_AFTER_S``); say which has no
+        worker and the command that starts one. The campaign keeps waiting."""
+        now = time.time()
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if not queues or now - self._quiet_since < NO_WORKER_AFTER_S or now - self._probed_at < NO_WORKER_AFTER_S:
+            return
+        self._probed_at = now
+        from graceq.app import app
+        from graceq.health import no_consumer_message, queue_consumers
+
+        for queue in sorted(set(queues)):
+            try:
+                consumers = queue_consumers(app, queue)
+            except Exception as exc:  # a broker that does not answer: the send path reports it
+                log.info("could not ask who consumes %s: %s", queue, exc)
+                return
+            if not consumers:
+                self.say(no_consumer_message(queue, app.conf.broker_url, now - self._quiet_since))
 
     # -- featurize and fit tasks ----------------------------------------------------------------
     def start(self, specs: list[TaskSpec], desc: str) -> TaskGroup:
@@ -369,12 +404,18 @@ class Dispatcher:
 
     def wait(self, group: TaskGroup, bar=None) -> None:
         """Block until every task of the group has written its output."""
+        from graceq.app import app
+
+        queues = {app.conf.task_routes.get(spec.task.name, {}).get("queue", "dft") for spec in group.specs}
         seen = len(group.done)
+        self.progressed()
         while not self.check(group):
+            if len(group.done) > seen:
+                self.progressed()
             if bar is not None:
                 bar.update(len(group.done) - seen)
-                seen = len(group.done)
-            self.idle()
+            seen = len(group.done)
+            self.idle(queues)
         if bar is not None:
             bar.update(len(group.done) - seen)
 
@@ -522,10 +563,13 @@ class Dispatcher:
 
     def results(self, bar=None) -> Iterator[tuple[int, dict]]:
         """Every result of the jobs in flight as it lands; ends when none is in flight."""
+        self.progressed()
         while self.in_flight:
             landed = self.arrivals()
             yield from landed
+            if landed:
+                self.progressed()
             if bar is not None and landed:
                 bar.update(len(landed))
             if self.in_flight and not landed:
-                self.idle()
+                self.idle(("dft",))
