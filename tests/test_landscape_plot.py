@@ -29,7 +29,8 @@ def _record(tmp_path: Path) -> CampaignRecord:
     results[7] = ("failed", None)       # initial batch: no prediction
     results[12] = ("unstable", None)    # picked by the model: predicted energy known
     return CampaignRecord(
-        root=tmp_path, unit="kJ/mol", window=5.0, p_conv_target=0.99, names=np.array([f"s{i}" for i in range(n)]),
+        root=tmp_path, unit="kJ/mol", window=5.0, p_conv_target=0.99, risk_target=0.05, stop_rule="risk",
+        names=np.array([f"s{i}" for i in range(n)]),
         n_atoms=np.full(n, 54), energy_ff=energy_ff, energy_ref_pool=ref, status_pool=np.array([""] * n),
         density=rng.uniform(1.3, 1.6, size=n), picks=picks, results=results, iterations=[], predictions={},
     )
