@@ -29,7 +29,7 @@ def _campaign(folder: Path, pool: Path) -> Path:
     """A real campaign (graceq init, replay engine) in folder/camp."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = folder / "settings.toml"
-    settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 4\nn_batch = 2\n')
+    settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n')
     run_cli("init", str(folder / "camp"), "--settings", str(settings))
     return folder / "camp"
 

@@ -153,7 +153,7 @@ def test_entry_points_of_installed_packages_are_registered(tmp_path):
 def campaign(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("campaigns")
     pool = write_subset(bundled("roy264", "roy264.extxyz"), folder / "roy12.extxyz", 22)
-    (folder / "settings.toml").write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nn_init = 4\n')
+    (folder / "settings.toml").write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nn_init = 8\n')
     run_cli("init", str(folder / "camp"), "--settings", str(folder / "settings.toml"))
     return folder / "camp"
 
