@@ -61,7 +61,7 @@ def _sections(root: type[BaseModel]):
 
 
 def _engine_keys() -> list[str]:
-    """One line per registered reference engine: the [engine] keys it accepts."""
+    """One line per reference engine of graceq's own: the [engine] keys it accepts."""
     from graceq.engines import ENGINES, engine_class
 
     lines = []
@@ -69,6 +69,8 @@ def _engine_keys() -> list[str]:
         try:
             cls = engine_class(name)
         except ValueError:
+            continue
+        if not cls.__module__.startswith("graceq."):  # graceq's own engines: the README documents those
             continue
         keys = sorted(getattr(cls, "SETTINGS", ()) or ())
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

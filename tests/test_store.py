@@ -149,6 +149,7 @@ def test_corrupt_artifacts_are_recomputed_not_a_crash_loop(tmp_path, roy_small):
     embedded workers, and gets the same features and the same committee."""
     from graceq import app as app_module
     from graceq.coordinator import Coordinator, EmbeddedWorkers
+    from graceq.dispatcher import Dispatcher
 
     settings = tmp_path / "settings.toml"
     settings.write_text(settings_text(roy_small))
@@ -166,6 +167,9 @@ def test_corrupt_artifacts_are_recomputed_not_a_crash_loop(tmp_path, roy_small):
     app_module.configure(embedded_dir=coordinator.paths.broker)
     with EmbeddedWorkers(coordinator.paths, 1) as workers:
         coordinator.workers = workers
+        coordinator.dispatcher = Dispatcher(coordinator.paths, coordinator.store, coordinator.settings,
+                                            coordinator.campaign_id, coordinator.names,
+                                            check_workers=workers.check, say=lambda message: None)
         features = coordinator.ensure_features()
         coordinator.fit_committee(coordinator.view(), features, 0)
         coordinator.workers = None
@@ -182,10 +186,12 @@ def test_corrupt_artifacts_are_recomputed_not_a_crash_loop(tmp_path, roy_small):
                 np.testing.assert_array_equal(new, old)
     np.testing.assert_allclose(features, before[files[0]], rtol=1e-9, atol=1e-12)
 
-    # a truncated reference result: named and moved aside (the job is sent again on resume), not
-    # a JSONDecodeError on every restart
+    # a truncated reference result: moved aside to results/rejected/ with its reason (the job is
+    # sent again), not a JSONDecodeError on every restart
     result = sorted((campaign / "results").glob("*.json"))[0]
     _truncate(result)
-    with pytest.raises(ArtifactError, match=result.name):
-        coordinator._ingest(int(result.stem), result)
-    assert not result.exists() and result.with_name(result.name + ".corrupt").exists()
+    assert coordinator.dispatcher._checked(int(result.stem), result) is None
+    rejected = [f for f in (campaign / "results" / "rejected").glob(f"{result.stem}.*.json")
+                if not f.name.endswith(".reason.json")]
+    assert not result.exists() and len(rejected) == 1
+    assert (rejected[0].with_name(rejected[0].name + ".reason.json")).exists()
