@@ -471,10 +471,12 @@ class Dispatcher:
         landed = []
         missing = []
         rejected = []
+        jobs = None  # read once per look, and only when a result landed
         for i in sorted(self.in_flight):
             path = self.paths.result(i)
             if path.exists():
-                record = self._checked(i, path)
+                jobs = self.store.jobs() if jobs is None else jobs
+                record = self._checked(i, path, jobs.get(i, (None,))[0])
                 if record is None:
                     rejected.append(i)
                 else:
@@ -494,14 +496,13 @@ class Dispatcher:
             self.in_flight.discard(i)
         return sorted(landed, key=lambda item: item[0])
 
-    def _checked(self, idx: int, path: Path) -> dict | None:
+    def _checked(self, idx: int, path: Path, task_id: str | None) -> dict | None:
         """The result record of job idx when it may count (graceq.trust: readable, the name and task
         id that were sent, a known status, a finite energy, the pool's composition); else None, the
         file moved to results/rejected/ with the reason."""
         from graceq import trust
         from graceq.io import read_frames_db
 
-        task_id = self.store.jobs().get(idx, (None,))[0]
         numbers = read_frames_db(self.paths.structures, [idx])[0].numbers
         return trust.accept_result(path, str(self.names[idx]), task_id, numbers, expected_idx=idx)
 

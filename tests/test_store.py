@@ -190,7 +190,8 @@ def test_corrupt_artifacts_are_recomputed_not_a_crash_loop(tmp_path, roy_small):
     # sent again), not a JSONDecodeError on every restart
     result = sorted((campaign / "results").glob("*.json"))[0]
     _truncate(result)
-    assert coordinator.dispatcher._checked(int(result.stem), result) is None
+    idx = int(result.stem)
+    assert coordinator.dispatcher._checked(idx, result, coordinator.store.jobs()[idx][0]) is None
     rejected = [f for f in (campaign / "results" / "rejected").glob(f"{result.stem}.*.json")
                 if not f.name.endswith(".reason.json")]
     assert not result.exists() and len(rejected) == 1
