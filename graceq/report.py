@@ -64,21 +64,18 @@ def campaign_table(root: str | Path) -> list[dict]:
     return rows
 
 
-def hindsight(paths: CampaignPaths, picks: list, window: float, unit: str) -> dict | None:
+def hindsight(paths: CampaignPaths, store: CampaignStore, window: float, unit: str) -> dict | None:
     """What a retrospective campaign can say once every reference energy of the pool is known (a
     replay of a completed reranking, as in `graceq demo`): the true window structures, the calls
     this campaign needed to measure them all, and the calls force-field order needs. None when the
     pool does not carry the reference energy of every structure.
 
-    ``picks``: (idx, iteration) in sampling order; the calls to full recall count whole batches.
+    ``store``: the campaign's open store; the calls to full recall count whole batches.
     Energies per molecule in ``unit``.
     """
-    store = CampaignStore(paths.root)
-    try:
-        apm = int(store.get_meta("atoms_per_molecule"))
-        s = store.structures()
-    finally:
-        store.close()
+    apm = int(store.get_meta("atoms_per_molecule"))
+    s = store.structures()
+    picks = store.picks()
     _, e_ref, status = _pool_from_db(paths.structures, s["n_atoms"], apm)
     usable = np.array([st not in ("unstable", "failed") for st in status])
     if not usable.any() or not np.all(np.isfinite(e_ref[usable])):
@@ -175,7 +172,7 @@ def write_summary(root: str | Path) -> dict:
         "risk": last.get("risk"),
         "risk_statement": risk_statement(last, settings.campaign.risk) if last else None,
         "p_conv": last.get("p_conv"),
-        "hindsight": (known := hindsight(paths, store.picks(), window, settings.campaign.unit)),
+        "hindsight": (known := hindsight(paths, store, window, settings.campaign.unit)),
         "recall_note": None if known is None else known["note"],
         "provenance": provenance(paths.root),
         "iterations": [
