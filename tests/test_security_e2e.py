@@ -219,7 +219,15 @@ def test_crafted_message_through_flower_api_runs_no_command(pool, workers, redis
 
 # -- secrets stay out of sight ------------------------------------------------------------------
 def _ps() -> str:
-    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    """Every process's whole command line, one per line, as `ps -eww -o args` shows them to any
+    user (read from /proc directly: no column width can cut a line short)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:  # the process ended while the listing was read
+            continue
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -265,23 +273,36 @@ def test_ps_never_shows_the_broker_password(pool, password_redis, tmp_path):
                                          "--broker-file", str(broker_file)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(run)
-        seen = 0
+        seen = {"celery": 0, "run_flower": 0}
         while run.poll() is None:
             listing = _ps()
             assert password not in listing, [line for line in listing.splitlines() if password in line]
-            seen += "celery" in listing and "flower" in listing
+            for word in seen:
+                seen[word] += word in listing
             time.sleep(0.1)
         out = run.stdout.read().decode()
         assert run.returncode == 0, out
-        assert seen > 0  # the workers and Flower were up while ps was read
+        # the workers and Flower were up while the listing was read
+        logs = {name: (tmp_path / name).read_text(errors="replace")[-3000:] for name in ("worker.log", "flower.log")}
+        assert all(seen.values()), (seen, logs)
         assert "reference calls" in out and password not in out
         # a URL on the command line: warned about, and `graceq run` goes on without it in its argv
-        again = subprocess.Popen(GRACEQ + ["run", str(tmp_path / "camp"), "--broker", url, "--budget", "12",
+        again = subprocess.Popen(GRACEQ + ["run", str(tmp_path / "camp"), "--broker", url, "--budget", "24",
                                            "--quiet"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(again)
-        time.sleep(4)
-        late = [_ps() for _ in range(10) if again.poll() is None and not time.sleep(0.2)]
+        # the URL is in the first argv until `graceq run` replaces itself (same pid) with one without
+        # it; from then on no process shows the password
+        own = Path(f"/proc/{again.pid}/cmdline")
+        replaced, late = False, []
+        while again.poll() is None:
+            try:
+                replaced = replaced or password.encode() not in own.read_bytes()
+            except OSError:
+                break
+            if replaced:
+                late.append(_ps())
+            time.sleep(0.05)
         out = again.communicate(timeout=300)[0].decode()
         assert again.returncode == 0, out
         assert "visible to every user" in out and password not in out
