@@ -317,8 +317,50 @@ def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
                calls_history=[c for c, _ in trace.checkpoints],
                missed_history=[len(wanted - set(trace.order[:c])) for c, _ in trace.checkpoints],
                risk_history=[None if not np.isfinite(s.risk) else round(s.risk, 4) for _, s in trace.checkpoints],
-               p_conv_history=[round(s.p_conv, 4) for _, s in trace.checkpoints])
+               p_conv_history=[round(s.p_conv, 4) for _, s in trace.checkpoints],
+               forecaster_history=[s.forecaster for _, s in trace.checkpoints])
     return fig
+
+
+def floor_calls(p_window, risk: float) -> int:
+    """Fewest calls after which ``sum_{unmeasured} P(in window) <= risk`` can hold, given each
+    structure's probability ``p_window`` of lying in the window: leave unmeasured the largest set
+    whose probabilities sum to at most ``risk`` (the smallest ones first), measure the rest."""
+    p = np.sort(np.asarray(p_window, dtype=np.float64))
+    return int(len(p) - np.searchsorted(np.cumsum(p), risk, side="right"))
+
+
+def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: float = 0.05, folds: int = 10,
+               alphas=np.logspace(-8, 2, 21)) -> dict:
+    """The earliest stop that any rule honest at ``risk`` could make with this descriptor and a
+    ridge delta model, even knowing what no campaign knows: each stable structure predicted by a
+    ridge fitted on the other (folds-1)/folds of the pool (10-fold cross-validation: far more
+    training data than a campaign has when it stops), and the TRUE law of those predictions'
+    errors (their empirical distribution over the whole pool). With P_i = P(E_i <= T) under that
+    law and T = true minimum + window, a rule stating ``sum_{unmeasured} P_i <= risk`` must have
+    measured at least :func:`floor_calls` structures. A mean stop far above full recall on a
+    landscape whose floor is also far above it is the landscape's (and the model's) doing, not the
+    rule's. The floor holds for rules whose error law is the same for every structure; a rule
+    whose per-structure spreads really tell good predictions from bad ones could go below it.
+    Energies per molecule; unstable structures are left out (a campaign must rule them out too, so
+    leaving them out only lowers the floor).
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    idx = np.flatnonzero(pool.stable)
+    apm = pool.atoms_per_molecule
+    e_ref = pool.energy_ref_mol[idx]
+    e_ff = pool.energy_ff_mol[idx]
+    y = (e_ref - e_ff) / apm
+    y_cv = cross_val_predict(RidgeCV(alphas=alphas), features[idx], y, cv=KFold(folds, shuffle=True, random_state=0))
+    mu = e_ff + apm * y_cv
+    errors = np.sort(e_ref - mu)
+    threshold = e_ref.min() + window
+    p_window = np.searchsorted(errors, threshold - mu, side="right") / len(errors)
+    return {"calls": floor_calls(p_window, risk), "of": int(len(idx)), "risk": risk,
+            "cv_rmse_per_molecule": round(float(np.sqrt(np.mean(errors ** 2))), 2),
+            "error_percentiles_0_1_50_99_100": [round(float(v), 1) for v in np.percentile(errors, [0, 1, 50, 99, 100])]}
 
 
 #: bins of the stated risk for the calibration table (expected number of window structures missed)
@@ -434,6 +476,7 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
         results[str(window)] = {
             "window": window,
             "n_window_structures": len(window_set),
+            "stop_floor": stop_floor(pool, campaign_features(pool, first, cache_dir), window),
             "methods": result,
             "calls_saved_vs_force_field_at_full_recall": (
                 None if g["calls_to_full_recall"] is None else round(ff_full - g["calls_to_full_recall"], 2)),

@@ -18,7 +18,7 @@ import numpy as np
 from graceq.acquisition import expected_improvement, kriging_believer
 from graceq.config import batch_size
 from graceq.convergence import (
-    MIN_PROSPECTIVE, convergence_state, error_laws, expected_missed, prospective_errors,
+    MIN_PROSPECTIVE, best_forecaster, convergence_state, error_laws, expected_missed, prospective_errors,
 )
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
@@ -80,6 +80,26 @@ class CampaignView:
             return np.zeros(0)
         mu, spread = np.array([self.predictions[int(i)] for i in rows], dtype=float).T
         return prospective_errors(self.reference_mol(rows), mu, spread)
+
+    def forecasts(self) -> tuple[np.ndarray, dict]:
+        """The measured stable structures' reference energies per molecule and, for each, three
+        forecasts made before it was measured (``graceq.convergence.FORECASTERS``), as
+        name -> (loc, scale): the committee (mean, raw spread), its mean with one scale for all,
+        and the force field shifted by the median E_ref - E_ff of the structures measured before
+        it in sampling order (the cheap level's own ranking)."""
+        stable = self.stable_rows()
+        e_all = self.reference_mol(stable) if len(stable) else np.zeros(0)
+        delta = e_all - self.energy_ff_mol[stable] if len(stable) else np.zeros(0)
+        keep = [k for k, i in enumerate(stable) if int(i) in self.predictions and k > 0]
+        keep = keep[len(keep) // 2:] if len(keep) // 2 >= MIN_PROSPECTIVE else keep
+        if not keep:
+            return np.zeros(0), {}
+        rows = stable[keep]
+        mu, spread = np.array([self.predictions[int(i)] for i in rows], dtype=float).T
+        shift = np.array([np.median(delta[:k]) for k in keep])
+        ones = np.ones(len(rows))
+        return e_all[keep], {"committee": (mu, spread), "committee_mean": (mu, ones),
+                             "force_field": (self.energy_ff_mol[rows] + shift, ones)}
 
 
 def prospective_predictions(pick_table, iterations, lag: int = 1) -> dict[int, tuple[float, float]]:
@@ -195,6 +215,7 @@ class IterationStats:
     n_next: int
     stop: str | None
     n_pending: int = 0          # asynchronous mode: jobs in flight when the decision was made
+    forecaster: str | None = None   # p_window: the forecaster whose ranking picked the batch
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -265,19 +286,36 @@ def stop_holds(stats: dict, settings, n_pool: int) -> bool:
 
 
 def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap, ei, best, window, n):
-    """The next n picks and their EI: ``p_window`` takes the n highest probabilities of lying in
-    the window (the n largest standardised gaps (T - mu) / spread: the expected number of window
-    structures found by a batch is the sum of its members' probabilities, so the top n maximise
-    it); ``greedy`` the n lowest predicted energies; ``ei`` the Kriging-Believer batch."""
+    """The next n picks, their EI, and the forecaster that ranked them.
+
+    ``p_window`` takes the n structures most likely to lie in the window: the expected number of
+    window structures a batch finds is the sum of its members' probabilities, so the top n
+    maximise it. The probability is that of the forecaster of the reference energy that has
+    forecast the measured structures best so far (``graceq.convergence.best_forecaster``): the
+    committee (mean and spread: rank by the standardised gap (T - mu) / spread), its mean alone
+    (rank by mu), or the force field (rank by E_ff). Where the committee's spread says nothing
+    about its errors, or the cheap level already ranks better than the model, the campaign sees
+    it in its own measurements and exploits that ranking; until ``MIN_PROSPECTIVE`` forecasts
+    exist it ranks by the committee. ``greedy``: the n lowest predicted energies; ``ei``: the
+    Kriging-Believer batch.
+    """
     if name == "ei":
         picks, pick_ei = kriging_believer(
             model, features, unlabelled, best, window, n,
             offset=view.energy_ff_mol, scale=view.atoms_per_molecule, method="fast", return_ei=True,
         )
-        return np.asarray(picks, dtype=int), np.asarray(pick_ei, dtype=float)
-    key = -gap[unlabelled] if name == "p_window" else mu[unlabelled]
+        return np.asarray(picks, dtype=int), np.asarray(pick_ei, dtype=float), None
+    forecaster = None
+    if name == "greedy":
+        key = mu[unlabelled]
+    else:
+        energy, forecasts = view.forecasts()
+        forecaster = best_forecaster(energy, forecasts)[0] if forecasts else None
+        forecaster = forecaster or "committee"
+        key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
+               "force_field": lambda: view.energy_ff_mol[unlabelled]}[forecaster]()
     picks = unlabelled[np.argsort(key, kind="stable")[:n]]
-    return picks.astype(int), ei[picks]
+    return picks.astype(int), ei[picks], forecaster
 
 
 def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int) -> Decision:
@@ -343,6 +381,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     pick_ei = np.array([], dtype=float)
     if stats.stop is None:
         n = min(batch_size(c.n_batch, len(mu)), budget - stats.n_reference_calls, len(unlabelled))
-        picks, pick_ei = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap, ei, best, c.window, n)
+        picks, pick_ei, stats.forecaster = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap,
+                                                    ei, best, c.window, n)
     stats.n_next = int(len(picks))
     return Decision(stats, mu, sigma, ei, picks, pick_ei, stats.stop)

@@ -53,6 +53,21 @@ default). The argument:
    ``MIN_PROSPECTIVE`` of them are required before any risk is stated (below that, the risk is
    infinite and the campaign goes on).
 
+**Which forecaster ranks the batch (``acquisition = "p_window"``).** The batch that finds the
+most window structures in expectation is the one with the largest probabilities
+``P(E_i <= T)``; which structures those are depends on the forecaster of ``E_i``. Three are
+compared: the committee (mean ``mu``, spread ``s``: ``E ~ mu + s t``), its mean with one scale
+for all (``E ~ mu + c t``: rank by ``mu``, greedy), and the force field shifted by the median
+measured delta (``E ~ E_ff + d + c t``: the cheap level's own ranking). Each is judged by the
+log-likelihood of the reference energies the campaign measured, each forecast made before its
+measurement (Dawid's prequential principle), with its t law's tail and scale fitted by maximum
+likelihood: two fitted parameters each, so the comparison is Akaike's. Only the most recent half
+of the forecasts is scored (all of them while fewer than ``2 MIN_PROSPECTIVE``): the committee
+learns, and its forecasts of forty calls ago are those of a different, worse forecaster. When the
+committee's spread says nothing about its errors, the mean wins and the campaign ranks by it;
+when the model has not yet learned more than the cheap level knows, the force field wins. The
+choice moves only the order of the picks: the stop rule above keeps the committee's law.
+
 What it cannot see: an error law that changes between the measured and the unmeasured part of
 the pool beyond what the committee's spread already expresses (the spread grows away from the
 training data, which is the point of standardising by it). The retrospective benchmark checks
@@ -205,6 +220,47 @@ def expected_missed(mu, spread, threshold: float, laws) -> tuple[float, ErrorLaw
     sums = [float(np.sum(law.cdf(z))) for law in laws]
     k = int(np.argmax(sums))
     return sums[k], laws[k]
+
+
+#: the forecasters of a structure's reference energy that ``acquisition = "p_window"`` chooses
+#: between, each a location and a scale per structure (energy per molecule)
+FORECASTERS = ("committee", "committee_mean", "force_field")
+
+
+def forecast_loglik(energy_ref, loc, scale) -> float:
+    """Log-likelihood (log density of the reference energies, per molecule) of the forecasts
+    ``E ~ loc + scale * t``, with the t law's tail and scale fitted by maximum likelihood
+    (profile over ``DF_GRID``); -inf with fewer than ``MIN_PROSPECTIVE`` forecasts.
+
+    Every forecaster compared has the same two fitted parameters (tail, scale factor), so the
+    difference of two such values is the difference of their AIC halves: the better forecaster of
+    the reference energies the campaign has measured, each forecast made before the measurement
+    (Dawid's prequential principle: judge a forecaster by its forecasts, not by its fit).
+    """
+    e = np.asarray(energy_ref, dtype=np.float64)
+    loc = np.asarray(loc, dtype=np.float64)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), e.shape)
+    keep = np.isfinite(e) & np.isfinite(loc) & np.isfinite(scale) & (scale > 0)
+    if keep.sum() < MIN_PROSPECTIVE:
+        return float("-inf")
+    z = (e[keep] - loc[keep]) / scale[keep]
+    if not np.any(z != 0):
+        return float("inf")
+    best = max(_profile_scale(z, df).loglik(z) for df in DF_GRID)
+    return float(best - np.sum(np.log(scale[keep])))
+
+
+def best_forecaster(energy_ref, forecasts: dict) -> tuple[str | None, dict]:
+    """The forecaster with the largest :func:`forecast_loglik` and every forecaster's value.
+
+    ``forecasts``: name -> (loc, scale) arrays aligned with ``energy_ref``. None (and an empty
+    dict) while fewer than ``MIN_PROSPECTIVE`` forecasts exist. Ties go to the first name.
+    """
+    scores = {name: forecast_loglik(energy_ref, loc, scale) for name, (loc, scale) in forecasts.items()}
+    finite = {k: v for k, v in scores.items() if np.isfinite(v) or v == float("inf")}
+    if not finite:
+        return None, {}
+    return max(finite, key=lambda k: (finite[k], -list(forecasts).index(k))), scores
 
 
 def energy_density(mu, sigma, grid) -> np.ndarray:

@@ -170,3 +170,85 @@ def test_the_benchmark_calibration_table_by_hand():
                           "mean_missed": 0.0, "fraction_with_a_miss": 0.0}
     assert table[0.2]["assessments"] == 2 and table[0.2]["mean_stated"] == 0.4
     assert table[0.2]["mean_missed"] == 0.5 and table[0.2]["fraction_with_a_miss"] == 0.5
+
+
+# -- the floor of an honest stop (benchmarks/retro.py) ----------------------------------------------
+def test_floor_calls_is_the_smallest_measured_set_by_brute_force():
+    """floor_calls against every subset: the fewest structures to measure so that the
+    probabilities of those left unmeasured sum to at most the risk."""
+    from itertools import combinations
+
+    retro = load_retro()
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        p = rng.uniform(0.0, 0.04, 9) * (rng.uniform(size=9) < 0.7)
+        risk = float(rng.choice([0.0, 0.01, 0.05, 0.1]))
+        fewest = min(len(p) - len(left) for k in range(len(p) + 1) for left in combinations(range(len(p)), k)
+                     if p[list(left)].sum() <= risk)
+        assert retro.floor_calls(p, risk) == fewest
+
+
+# -- choosing the forecaster that ranks the batch ---------------------------------------------------
+def test_forecast_loglik_is_the_best_t_likelihood_of_the_energies():
+    """Against scipy.stats.t on a fine grid of scales, for the best degrees of freedom of DF_GRID."""
+    rng = np.random.default_rng(0)
+    loc = rng.normal(size=60)
+    scale = rng.uniform(0.5, 3.0, 60)
+    e = loc + scale * 1.7 * rng.standard_t(4.0, 60)
+    direct = max(
+        float(np.sum(stats.t.logpdf((e - loc) / (scale * s), df) - np.log(scale * s)))
+        for df in conv.DF_GRID for s in np.exp(np.linspace(np.log(0.5), np.log(5.0), 4001)))
+    assert conv.forecast_loglik(e, loc, scale) == pytest.approx(direct, abs=1e-3)
+    assert conv.forecast_loglik(e[:10], loc[:10], scale[:10]) == -np.inf   # too few to judge
+
+
+def test_the_best_forecaster_is_the_one_that_generated_the_energies():
+    rng = np.random.default_rng(1)
+    n = 80
+    e_ff = rng.uniform(0.0, 30.0, n)
+    mu = rng.uniform(0.0, 30.0, n)
+    spread = rng.uniform(0.2, 5.0, n)
+    forecasts = {"committee": (mu, spread), "committee_mean": (mu, np.ones(n)), "force_field": (e_ff, np.ones(n))}
+    # errors proportional to the committee's spread: its spread carries information
+    assert conv.best_forecaster(mu + spread * rng.normal(size=n), forecasts)[0] == "committee"
+    # errors of one size whatever the spread says
+    assert conv.best_forecaster(mu + 2.0 * rng.normal(size=n), forecasts)[0] == "committee_mean"
+    # the cheap level is right up to a small noise, the committee is not
+    assert conv.best_forecaster(e_ff + 0.5 * rng.normal(size=n), forecasts)[0] == "force_field"
+    assert conv.best_forecaster(mu[:5], {k: (a[:5], b[:5]) for k, (a, b) in forecasts.items()})[0] is None
+
+
+def test_a_campaign_stops_trusting_a_spread_that_says_nothing(monkeypatch):
+    """A force field right up to 1 kJ/mol (the window holds 43 structures), and features whose
+    far-out rows give the committee a
+    large spread that has nothing to do with its errors. Ranked by the committee's probabilities,
+    p_window spends calls on those rows; choosing its forecaster by the forecasts it has made,
+    it ranks by the mean and finds the window no later than force-field order, initial batch
+    and one batch aside. Fails when the choice is replaced by the committee alone."""
+    retro = load_retro()
+    rng = np.random.default_rng(5)
+    n = 240
+    X = rng.normal(size=(n, 6))
+    X[rng.uniform(size=n) < 0.4] *= 8.0
+    e_ff = rng.uniform(0.0, 15.0, n)
+    e_ref = e_ff + rng.normal(scale=1.0, size=n)
+    pool = retro.ReplayPool(
+        source="synthetic", frames=[], names=np.array([f"s{i}" for i in range(n)], dtype=object),
+        n_atoms=np.full(n, 10), energy_ff=e_ff, outcomes=[("converged", float(e)) for e in e_ref],
+        atoms_per_molecule=10)
+    window = pool.window_structures(5.0)
+    settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 5.0, "n_init": 12, "n_batch": 6},
+                                   "model": {"n_members": 32}})
+
+    def full_recall():
+        trace = retro.run_campaign(pool, X, settings,
+                                   stop_when=lambda t: retro.calls_to_full_recall(t.order, window) is not None)
+        return retro.calls_to_full_recall(trace.order, window, trace.checkpoints), trace
+
+    chosen, trace = full_recall()
+    assert trace.checkpoints[-1][1].forecaster == "committee_mean"
+    ff_order = retro.calls_to_full_recall(np.argsort(e_ff).tolist(), window)
+    assert chosen <= ff_order + 12 + 6
+    monkeypatch.setattr(cp, "best_forecaster", lambda energy, forecasts: ("committee", {}))
+    committee_only, _ = full_recall()
+    assert committee_only > chosen
