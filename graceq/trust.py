@@ -314,6 +314,40 @@ def check_engine_policy(root: Path) -> None:
         raise UntrustedMessage(f"{root / 'settings.toml'} [engine]: {exc}") from None
     except Exception:  # e.g. a calculator package missing here: the task reports it as a failed result
         pass
+    check_files_read(root, settings)
+
+
+def _package_data() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("graceq") / "data")).resolve()
+
+
+def check_files_read(root: Path, settings, roots: list[Path] | None = None) -> None:
+    """Refuse (UntrustedMessage) a campaign whose engine would read a file outside this worker's
+    campaign roots (e.g. a replay ``source`` naming another user's data): a worker of a shared
+    broker started with ``--campaign-root`` reads campaign data from those folders only (and
+    graceq's own bundled data). No roots, or not such a worker: nothing is checked, the author's
+    own processes read the author's own files."""
+    from graceq.engines import engine_class
+
+    roots = (campaign_roots() if _role["worker"] and not _embedded() else []) if roots is None else roots
+    if not roots:
+        return
+    engine = settings.engine.model_dump()
+    try:
+        cls = engine_class(engine.get("engine", "replay"), allow_code=False)
+        meta = json.loads((root / "pool.json").read_text())
+    except Exception:  # refused or unreadable elsewhere (check_engine_settings, pool_size)
+        return
+    for name in cls.files_read(engine, meta.get("source")):
+        path = Path(name).expanduser().resolve()
+        if not any(_inside(path, r) for r in [*roots, _package_data()]):
+            raise UntrustedMessage(
+                f"{root / 'settings.toml'} [engine]: the {cls.name or 'engine'} engine would read {path}, outside "
+                f"this worker's campaign roots ({', '.join(map(str, roots))}); put the file inside a campaign "
+                "root, or the worker's operator adds its folder with `graceq worker --campaign-root DIR`"
+            )
 
 
 def check_message(task: Task, args: tuple, kwargs: dict) -> None:

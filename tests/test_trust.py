@@ -189,6 +189,33 @@ def test_a_results_folder_that_leads_out_of_the_campaign_is_refused(campaign, tm
         trust.check_campaign_dir(str(copy), [tmp_path])
 
 
+def test_a_replay_source_outside_the_campaign_roots_is_refused(campaign, tmp_path):
+    """A worker with campaign roots reads no file outside them for a campaign: not the pool file
+    the replay engine falls back to, not a `source` naming another user's data."""
+    from graceq.config import load_settings
+
+    settings = load_settings(campaign / "settings.toml")
+    trust.check_files_read(campaign, settings, [campaign.parent])   # the pool lies beside the campaign
+    trust.check_files_read(campaign, settings, [])                  # no roots: nothing checked
+    with pytest.raises(UntrustedMessage, match="would read .*roy12.extxyz, outside"):
+        trust.check_files_read(campaign, settings, [campaign])
+    copy = tmp_path / "camp"
+    copy.mkdir()
+    for name in ("pool.json", "structures.db"):
+        (copy / name).write_bytes((campaign / name).read_bytes())
+    secret = tmp_path.parent / f"{tmp_path.name}-elsewhere" / "answers.csv"
+    secret.parent.mkdir()
+    secret.write_text("name,energy_ref\n")
+    text = (campaign.parent / "settings.toml").read_text()   # the author's settings, without [engine]
+    (copy / "settings.toml").write_text(text + f'\n[engine]\nengine = "replay"\nsource = "{secret}"\n')
+    with pytest.raises(UntrustedMessage, match="answers.csv, outside this worker's campaign roots"):
+        trust.check_files_read(copy, load_settings(copy / "settings.toml"), [tmp_path])
+    inside = tmp_path / "answers.csv"
+    inside.write_text("name,energy_ref\n")
+    (copy / "settings.toml").write_text(text + f'\n[engine]\nengine = "replay"\nsource = "{inside}"\n')
+    trust.check_files_read(copy, load_settings(copy / "settings.toml"), [tmp_path])
+
+
 def test_every_task_is_checked_and_names_its_campaign_dir():
     """The worker's checks go by argument name: a task whose campaign folder is not called
     `campaign_dir` would run unchecked. Also: every graceq task has the checking base class."""

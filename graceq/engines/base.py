@@ -127,6 +127,12 @@ class ReferenceEngine(ABC):
         """Return an engine for the campaign's ``[engine]`` settings and energy unit."""
         return cls(settings, unit)
 
+    @classmethod
+    def files_read(cls, settings: dict[str, Any], pool_source: str | None = None) -> list[str]:
+        """The files the engine's settings make it read (paths as given): a worker of a shared
+        broker with campaign roots reads none outside them (:func:`graceq.trust.check_engine_policy`)."""
+        return []
+
     def check(self) -> None:
         """Raise a clear error now if the engine cannot work (missing program, unknown calculator)."""
 

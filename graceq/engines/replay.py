@@ -172,6 +172,11 @@ class ReplayEngine(ReferenceEngine):
     def from_settings(cls, settings, unit, pool_source=None):
         return cls(settings, unit, pool_source)
 
+    @classmethod
+    def files_read(cls, settings, pool_source=None):
+        source = (settings or {}).get("source") or pool_source
+        return [str(source)] if source else []
+
     def _table(self) -> _Table:
         return load_table(self.source, self.key, self.name_key, self.status_key, self.return_structures)
 
