@@ -104,7 +104,7 @@ class ReplayPool:
 
 
 def load_pool(path: str, unit: str, on_bad_molecule: str = "error") -> ReplayPool:
-    """Read the pool as a campaign does (graceq.io.read_pool) and ask the replay engine for every answer.
+    """Read the pool as a campaign does (graceq.pool.read_pool) and ask the replay engine for every answer.
 
     ``on_bad_molecule="skip"`` drops structures whose molecules are broken (as the campaign setting
     of that name does); ``n_dropped`` counts them.
@@ -114,7 +114,7 @@ def load_pool(path: str, unit: str, on_bad_molecule: str = "error") -> ReplayPoo
     import ase.io
 
     from graceq.engines import make_engine
-    from graceq.io import read_pool
+    from graceq.pool import read_pool
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skipped structures are counted below

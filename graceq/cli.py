@@ -25,7 +25,7 @@ def _user_errors(func):
     def wrapper(*args, **kwargs):
         from graceq.campaign import CampaignError
         from graceq.coordinator import TaskError
-        from graceq.io import InputError
+        from graceq.pool import InputError
         from graceq.lock import CampaignLocked, LeaseLost
 
         try:
@@ -208,7 +208,7 @@ def run(campaign_dir, settings_file, broker, broker_file, max_iterations, risk, 
 def _check_raised_n_init(paths, old: int, new: int) -> None:
     """A larger n_init is allowed until the first batch was fitted (its extra picks join that batch)."""
     from graceq.config import load_settings as _load
-    from graceq.io import check_pool_fits_settings
+    from graceq.pool import check_pool_fits_settings
     from graceq.store import CampaignStore
 
     store = CampaignStore(paths.root)

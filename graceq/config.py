@@ -188,7 +188,7 @@ def load_settings(path: str | Path, overrides: dict[str, dict[str, Any]] | None 
     if not pool.is_absolute():
         try:
             settings.campaign.pool = str((path.parent / pool).resolve())
-        except (RuntimeError, OSError):  # a loop of symbolic links: graceq.io.read_pool says so
+        except (RuntimeError, OSError):  # a loop of symbolic links: graceq.pool.read_pool says so
             settings.campaign.pool = str(Path(os.path.abspath(path.parent / pool)))
     return settings
 

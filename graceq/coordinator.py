@@ -52,7 +52,8 @@ def init_campaign(settings: Settings, campaign_dir: str | Path, source: str = "s
     """
     from graceq.engines import make_engine
     from graceq.features import species_of
-    from graceq.io import check_pool_fits_settings, read_pool, write_pool_db, write_pool_notes
+    from graceq.pool import check_pool_fits_settings, read_pool, write_pool_notes
+    from graceq.pooldb import write_pool_db
 
     paths = CampaignPaths(campaign_dir)
     if paths.state.exists() and CampaignStore(paths.root).n_structures() > 0:

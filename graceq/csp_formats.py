@@ -18,7 +18,7 @@
   (``name,energy_ff[,energy_ref,status]``, totals per cell, as for VASP directories) when the
   directory has one, else from the .res titles.
 
-Every problem is an :class:`graceq.io.InputError` naming the file, the structure and the fix.
+Every problem is an :class:`graceq.pool.InputError` naming the file, the structure and the fix.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _INSTRUCTIONS = {
 
 
 def _input_error(message: str):
-    from graceq.io import InputError
+    from graceq.pool import InputError
 
     return InputError(message)
 
@@ -214,7 +214,7 @@ def read_res(path, energy_key: str = "energy_ff") -> list[Atoms]:
     """
     from gemmi import find_spacegroup_by_ops
 
-    from graceq.io import molecule_formulas
+    from graceq.chemistry import molecule_formulas
     from graceq.polymorphs import cell_density_gcm3
 
     path = Path(path)
@@ -285,7 +285,7 @@ def structure_files(path: Path) -> list[tuple[str, Path]] | None:
 
     A CSP directory holds ``*.res``, ``*.cif`` or ``*.POSCAR`` files, or folders holding one
     structure each (``POSCAR``, ``CONTCAR``, ``*.vasp``, ``*.cif``, ``*.res``; named after the
-    folder). Plain VASP directories (``POSCAR*``/``*.vasp`` files) are left to graceq.io.
+    folder). Plain VASP directories (``POSCAR*``/``*.vasp`` files) are left to graceq.pool.
     """
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".res", ".cif", ".poscar"))
     if files:
@@ -301,12 +301,12 @@ def structure_files(path: Path) -> list[tuple[str, Path]] | None:
 
 def read_structure_dir(path, energies_csv=None, name_key="name", energy_key="energy_ff", ref_key="energy_ref",
                        status_key="status"):
-    """graceq.io's raw records of a CSP directory (see :func:`structure_files`).
+    """graceq.pool's raw records of a CSP directory (see :func:`structure_files`).
 
     Energies: the CSV (``energies_csv``, or ``energies.csv`` in the directory) when there is one
     (totals per cell; its row order is the pool order), else each .res title.
     """
-    from graceq.io import _Raw, _read_energy_csv, _Record
+    from graceq.pool import _Raw, _read_energy_csv, _Record
 
     path = Path(path)
     entries = structure_files(path)
@@ -346,8 +346,8 @@ def read_structure_dir(path, energies_csv=None, name_key="name", energy_key="ene
 
 
 def read_res_pool(path, name_key="name", energy_key="energy_ff", ref_key="energy_ref", status_key="status"):
-    """graceq.io's raw records of one (multi-structure) .res file; energies from the titles."""
-    from graceq.io import _Raw, _Record
+    """graceq.pool's raw records of one (multi-structure) .res file; energies from the titles."""
+    from graceq.pool import _Raw, _Record
 
     path = Path(path)
     frames = read_res(path, energy_key)

@@ -501,7 +501,7 @@ class Dispatcher:
         id that were sent, a known status, a finite energy, the pool's composition); else None, the
         file moved to results/rejected/ with the reason."""
         from graceq import trust
-        from graceq.io import read_frames_db
+        from graceq.pooldb import read_frames_db
 
         numbers = read_frames_db(self.paths.structures, [idx])[0].numbers
         return trust.accept_result(path, str(self.names[idx]), task_id, numbers, expected_idx=idx)

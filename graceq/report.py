@@ -286,7 +286,7 @@ class CampaignRecord:
 def _pool_from_db(path: Path, n_atoms: np.ndarray, apm: int):
     """Density (g/cm^3), pool reference energy per molecule and pool status of every structure.
 
-    Read from the campaign's structures.db (graceq.io.write_pool_db: row id = pool index + 1,
+    Read from the campaign's structures.db (graceq.pooldb.write_pool_db: row id = pool index + 1,
     key-value pairs ``energy_ref`` total per cell in the campaign unit and ``status`` where the
     pool had them).
     """

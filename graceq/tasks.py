@@ -82,7 +82,7 @@ def _soap_from_settings(settings, species):
 @app.task(name="graceq.fit_projection")
 def fit_projection(campaign_dir: str, sample: list[int], species: list[int]) -> str:
     """Fit the radial compression on the sampled pool structures; writes artifacts/projection.npz."""
-    from graceq.io import read_frames_db
+    from graceq.pooldb import read_frames_db
 
     paths = CampaignPaths(campaign_dir)
     if paths.projection.exists():
@@ -104,7 +104,7 @@ def fit_projection(campaign_dir: str, sample: list[int], species: list[int]) -> 
 def featurize(campaign_dir: str, chunk: int, start: int, stop: int) -> str:
     """Features of pool rows start..stop-1 with the campaign's projection; writes one chunk file."""
     from graceq.features import CompressedSoap
-    from graceq.io import read_frames_db
+    from graceq.pooldb import read_frames_db
 
     paths = CampaignPaths(campaign_dir)
     output = paths.feature_chunk(chunk)
@@ -177,7 +177,7 @@ def run_reference(self, campaign_dir: str, idx: int, name: str) -> dict:
     holder writes: a worker that was paused past the lease finds the task taken over and stops.
     """
     from graceq.engines import ReferenceResult, make_engine
-    from graceq.io import read_frames_db
+    from graceq.pooldb import read_frames_db
 
     paths = CampaignPaths(campaign_dir)
     output = paths.result(idx)

@@ -234,8 +234,9 @@ def pool_size(root: Path) -> int:
 
 
 def pool_name(root: Path, idx: int) -> str:
-    """The pool's name of structure idx (structures.db, read through graceq.io; nothing is written)."""
-    from graceq.io import InputError, read_frames_db
+    """The pool's name of structure idx (structures.db, read through graceq.pooldb; nothing is written)."""
+    from graceq.pool import InputError
+    from graceq.pooldb import read_frames_db
 
     try:
         return str(read_frames_db(root / "structures.db", [idx])[0].info["name"])

@@ -17,7 +17,8 @@ from ase.io import read, write
 
 from conftest import bundled
 from graceq import csp_formats
-from graceq.io import InputError, _molecule_labels, read_pool
+from graceq.chemistry import _molecule_labels
+from graceq.pool import InputError, read_pool
 from graceq.polymorphs import cell_density_gcm3, same_crystal
 from test_polymorphs import unwrapped_molecule
 

@@ -32,11 +32,11 @@ from ase.build import bulk  # noqa: E402
 from ase.io.trajectory import Trajectory  # noqa: E402
 from gfnff.ase_calculator import GFNFF  # noqa: E402
 
+from graceq.chemistry import molecule_formulas  # noqa: E402
 from graceq.engines import ReferenceResult, make_engine, register_engine  # noqa: E402
 from graceq.engines import replay as replay_module  # noqa: E402
 from graceq.engines.ase_relax import RESULT, TRAJECTORY  # noqa: E402
 from graceq.engines.base import ReferenceEngine  # noqa: E402
-from graceq.io import molecule_formulas  # noqa: E402
 
 DATA = importlib.resources.files("graceq") / "data"
 ROY = DATA / "roy264" / "roy264.extxyz"

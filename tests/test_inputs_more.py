@@ -1,6 +1,6 @@
 """Input checks that a new user met as tracebacks, dead ends or silently changed data.
 
-Each test feeds one bad input through `graceq init` (a real subprocess) or `graceq.io.read_pool` and
+Each test feeds one bad input through `graceq init` (a real subprocess) or `graceq.pool.read_pool` and
 checks the message: which file, which structure, what is wrong and what to do, never a traceback.
 """
 
@@ -20,7 +20,7 @@ import pytest
 import tomli_w
 
 from conftest import picks_of, run_cli, settings_text
-from graceq.io import (
+from graceq.pool import (
     ENERGY_BOUND_FACTOR,
     InputError,
     energy_bound_ev_per_atom,
@@ -160,7 +160,7 @@ def test_identical_structures_up_to_atom_order(roy12):
 
 
 def test_init_warns_about_identical_structures_and_lists_dropped_ones(roy12, tmp_path):
-    from test_io import pull_off_hydrogen
+    from test_pool import pull_off_hydrogen
 
     frames = [f.copy() for f in roy12]
     twin = frames[0].copy()[::-1]  # same structure, atoms in reverse order

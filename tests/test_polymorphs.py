@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 
 from conftest import bundled
 from graceq import polymorphs
-from graceq.io import _molecule_labels
+from graceq.chemistry import _molecule_labels
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def unwrapped_molecule(atoms, idx):
     """
     from ase.neighborlist import natural_cutoffs, neighbor_list
 
-    from graceq.io import BOND_SCALE
+    from graceq.chemistry import BOND_SCALE
 
     i, j, shift = neighbor_list("ijS", atoms, natural_cutoffs(atoms, mult=BOND_SCALE))
     pos = {int(idx[0]): atoms.positions[idx[0]]}

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 from ase import Atoms
 
-from graceq.io import molecule_formulas
+from graceq.chemistry import molecule_formulas
 from graceq.units import check_unit, from_ev
 
 from .base import ReferenceEngine, ReferenceResult, check_settings

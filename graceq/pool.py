@@ -9,7 +9,10 @@ energies (totals per cell, in a unit the user names). Three sources are accepted
    name = file name without a ``.vasp`` suffix) plus a CSV ``name,energy_ff`` (``energies.csv``
    in the directory, or given explicitly), whose row order is the pool order;
 3. an ASE database (``.db``, SQLite) with key-value pairs ``name`` and ``energy_ff``; the campaign
-   keeps its own copy of the pool in this format (:func:`write_pool_db`).
+   keeps its own copy of the pool in this format (:func:`graceq.pooldb.write_pool_db`).
+
+Molecules are found by :mod:`graceq.chemistry`; SHELX .res, CIF and CSP directories are read by
+:mod:`graceq.csp_formats` into the same raw records.
 
 Every problem is reported as an :class:`InputError` naming the file, the structure and what is
 wrong, before any descriptor or DFT work starts.
@@ -23,24 +26,16 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
-from ase.formula import Formula
-from ase.neighborlist import natural_cutoffs, neighbor_list
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
+from .chemistry import _composition_per_molecule, _describe_molecules, molecule_formulas
 from .units import check_unit, to_ev
-
-#: Two atoms are bonded when closer than BOND_SCALE x (sum of ASE covalent radii). 1.0 misses
-#: many C-H bonds (1.09 A vs 1.07 A); on ROY-264 and benzamide the bonded pairs lie below 1.05
-#: and the closest non-bonded contacts above 1.4, so 1.2 sits safely in the gap.
-BOND_SCALE = 1.2
 
 #: At most this many offending structures are listed in one error message.
 _MAX_LISTED = 20
@@ -125,78 +120,6 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.frames)
-
-
-# --------------------------------------------------------------------------------------------
-# Molecules from bonded connectivity
-# --------------------------------------------------------------------------------------------
-
-
-def _molecule_labels(atoms: Atoms) -> tuple[int, np.ndarray]:
-    """Return (number of molecules, molecule label per atom) from covalent bonds.
-
-    Labels are numbered in order of each molecule's first atom, so atom 0 is in molecule 0.
-    Bonds across periodic boundaries count, so a molecule split by the cell is one molecule.
-    """
-    n = len(atoms)
-    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_SCALE))
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)
-
-
-def molecule_formulas(atoms: Atoms) -> list[str]:
-    """Return the Hill formula of every bonded molecule in the cell, ordered by first atom."""
-    if len(atoms) == 0:
-        return []
-    n_mol, labels = _molecule_labels(atoms)
-    counts = np.zeros((n_mol, int(atoms.numbers.max()) + 1), dtype=int)
-    np.add.at(counts, (labels, atoms.numbers), 1)
-    cache: dict[bytes, str] = {}
-    formulas = []
-    for row in counts:
-        key = row.tobytes()
-        if key not in cache:
-            cache[key] = Formula.from_dict(
-                {chemical_symbols[z]: int(c) for z, c in enumerate(row) if c}
-            ).format("hill")
-        formulas.append(cache[key])
-    return formulas
-
-
-def _describe_molecules(formulas: Sequence[str]) -> str:
-    """'3 x C7H7NO, 1 x C7H6NO, 1 x H' for a list of molecule formulas."""
-    seen: dict[str, int] = {}
-    for f in formulas:
-        seen[f] = seen.get(f, 0) + 1
-    return ", ".join(f"{c} x {f}" for f, c in seen.items())
-
-
-def molecular_formula(atoms: Atoms) -> str:
-    """Return the Hill formula of the one molecule the cell is made of.
-
-    Raises ValueError when the cell holds molecules of different formulas (a broken molecule,
-    or more than one kind of molecule).
-    """
-    formulas = molecule_formulas(atoms)
-    if not formulas:
-        raise ValueError("the structure has no atoms")
-    if len(set(formulas)) != 1:
-        raise ValueError(
-            f"the cell holds molecules of different formulas ({_describe_molecules(formulas)}): "
-            "a molecule is broken or merged with another, or the crystal has more than one "
-            "kind of molecule"
-        )
-    return formulas[0]
-
-
-def atoms_per_molecule(atoms: Atoms) -> int:
-    """Return the number of atoms of one molecule (the bonded molecule holding atom 0).
-
-    Raises ValueError when not all molecules in the cell have the same formula.
-    """
-    molecular_formula(atoms)  # all molecules alike, else ValueError
-    n_mol, _ = _molecule_labels(atoms)
-    return len(atoms) // n_mol
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,18 +491,6 @@ def _check_refs(raw: _Raw, names, ref_key, unit: str = "eV") -> np.ndarray | Non
     return refs
 
 
-def _composition_per_molecule(atoms: Atoms, apm: int):
-    """Sorted (Z, count per molecule) pairs, or None when the cell is not whole molecules."""
-    n = len(atoms)
-    if n == 0 or n % apm:
-        return None
-    n_mol = n // apm
-    z, c = np.unique(atoms.numbers, return_counts=True)
-    if np.any(c % n_mol):
-        return None
-    return tuple(zip(z.tolist(), (c // n_mol).tolist()))
-
-
 def _check_molecules(raw: _Raw, names, apm_given) -> tuple[int, dict[int, str]]:
     """Return (atoms_per_molecule, {index: problem}) for structures not made of the pool's molecule.
 
@@ -873,118 +784,3 @@ def write_pool_notes(pool: Pool, folder) -> list[Path]:
             writer.writerows((k, name) for k, group in enumerate(pool.identical) for name in group)
         written.append(path)
     return written
-
-
-# --------------------------------------------------------------------------------------------
-# The campaign's own copy of the pool: an ASE SQLite database
-# --------------------------------------------------------------------------------------------
-
-
-def _name_fits_key_value(name: str) -> bool:
-    try:
-        ase.db.core.check({"name": name})
-    except ValueError:
-        return False
-    return True
-
-
-def write_pool_db(pool: Pool, path) -> None:
-    """Write ``pool`` to an ASE SQLite database at ``path`` (replacing any file there).
-
-    Row id = pool index + 1; key-value pairs ``name``, ``energy_ff`` (total per cell, in
-    ``pool.unit``), ``energy_ref`` (where known), ``status`` (where known), ``n_molecules``; the
-    database metadata holds ``unit``, ``atoms_per_molecule`` and ``source``. A name that ASE
-    would read back as a number is kept in the row's data instead.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.db")
-    if tmp.exists():
-        tmp.unlink()
-    db = ase.db.connect(str(tmp), type="db", append=False)
-    with db:
-        for i, atoms in enumerate(pool.frames):
-            kv = {
-                "energy_ff": float(pool.energy_ff[i]),
-                "n_molecules": int(pool.n_atoms[i] // pool.atoms_per_molecule),
-            }
-            data = {}
-            if _name_fits_key_value(pool.names[i]):
-                kv["name"] = pool.names[i]
-            else:
-                data["name"] = pool.names[i]
-            if pool.energy_ref is not None and np.isfinite(pool.energy_ref[i]):
-                kv["energy_ref"] = float(pool.energy_ref[i])
-            if pool.status is not None and pool.status[i]:
-                kv["status"] = pool.status[i]
-            bare = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-            row_id = db.write(bare, key_value_pairs=kv, data=data)
-            assert row_id == i + 1, "a fresh database numbers rows from 1"
-    db.metadata = {
-        "graceq_pool": 1,
-        "unit": pool.unit,
-        "atoms_per_molecule": int(pool.atoms_per_molecule),
-        "source": str(pool.source),
-        "has_energy_ref": pool.energy_ref is not None,
-        "has_status": pool.status is not None,
-    }
-    tmp.replace(path)  # readers never see a half-written pool
-
-
-def _pool_row_atoms(row) -> Atoms:
-    """The structure of a pool-database row, with info name and energy_ff (never energy_ref)."""
-    atoms = row.toatoms()
-    atoms.info["name"] = str(_row_name(row, "name"))
-    atoms.info["energy_ff"] = row.get("energy_ff")
-    return atoms
-
-
-def read_pool_db(path) -> Pool:
-    """Return the Pool stored by :func:`write_pool_db` (no re-validation: graceq wrote it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such pool database; was the campaign initialised?")
-    db = _open_db(path)
-    meta = db.metadata or {}
-    if "unit" not in meta or "atoms_per_molecule" not in meta:
-        raise InputError(
-            f"{path}: an ASE database without graceq's pool metadata (unit, atoms_per_molecule); "
-            "read it with read_pool(path, unit=...) instead."
-        )
-    frames, names, e_ff, e_ref, status = [], [], [], [], []
-    for row in db.select(sort="id"):
-        frames.append(_pool_row_atoms(row))
-        names.append(frames[-1].info["name"])
-        e_ff.append(row.get("energy_ff"))
-        e_ref.append(row.get("energy_ref", np.nan))
-        status.append(row.get("status", ""))
-    return Pool(
-        frames=frames,
-        names=names,
-        energy_ff=np.asarray(e_ff, dtype=float),
-        n_atoms=np.array([len(a) for a in frames], dtype=int),
-        atoms_per_molecule=int(meta["atoms_per_molecule"]),
-        unit=check_unit(meta["unit"]),
-        source=str(meta.get("source", path)),
-        energy_ref=np.asarray(e_ref, dtype=float) if meta.get("has_energy_ref") else None,
-        status=status if meta.get("has_status") else None,
-    )
-
-
-def read_frames_db(path, indices: Iterable[int]) -> list[Atoms]:
-    """Return the structures at pool ``indices`` (0-based) from a pool database.
-
-    Each has ``info["name"]`` and ``info["energy_ff"]``; the reference energy is left out, so that
-    a worker sees only what the campaign asked for.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such pool database.")
-    db = _open_db(path)
-    out = []
-    for i in indices:
-        try:
-            out.append(_pool_row_atoms(db.get(id=int(i) + 1)))
-        except KeyError:
-            raise InputError(f"{path}: no structure with pool index {i} (row id {int(i) + 1}).") from None
-    return out

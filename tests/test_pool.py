@@ -1,4 +1,4 @@
-"""Tests of graceq.io (reading and validating pools) and graceq.units."""
+"""Tests of graceq.pool (reading and validating pools), graceq.chemistry, graceq.pooldb and graceq.units."""
 
 from __future__ import annotations
 
@@ -14,19 +14,9 @@ import numpy as np
 import pytest
 from ase.data import covalent_radii
 
-from graceq import io as gio
-from graceq.io import (
-    BOND_SCALE,
-    InputError,
-    Pool,
-    atoms_per_molecule,
-    molecular_formula,
-    molecule_formulas,
-    read_frames_db,
-    read_pool,
-    read_pool_db,
-    write_pool_db,
-)
+from graceq.chemistry import BOND_SCALE, _molecule_labels, atoms_per_molecule, molecular_formula, molecule_formulas
+from graceq.pool import InputError, Pool, read_pool
+from graceq.pooldb import read_frames_db, read_pool_db, write_pool_db
 from graceq.units import ENERGY_UNITS, check_unit, from_ev, to_ev
 
 DATA = importlib.resources.files("graceq") / "data"
@@ -126,7 +116,7 @@ def slow_molecules(atoms):
 
 
 def fast_molecules(atoms):
-    _, labels = gio._molecule_labels(atoms)
+    _, labels = _molecule_labels(atoms)
     return sorted(tuple(np.nonzero(labels == k)[0]) for k in np.unique(labels))
 
 
