@@ -61,7 +61,12 @@ for all (``E ~ mu + c t``: rank by ``mu``, greedy), and the force field shifted 
 measured delta (``E ~ E_ff + d + c t``: the cheap level's own ranking). Each is judged by the
 log-likelihood of the reference energies the campaign measured, each forecast made before its
 measurement (Dawid's prequential principle), with its t law's tail and scale fitted by maximum
-likelihood: two fitted parameters each, so the comparison is Akaike's. Only the most recent half
+likelihood: two fitted parameters each, so the comparison is Akaike's. The committee is the
+default: another forecaster ranks only when Vuong's test for non-nested models says, at 95 %
+(``SWITCH_CONFIDENCE``), that it forecasts better; a campaign does not change its ranking on the
+noise of a few dozen forecasts (on ROY, whose force field ranks badly, the force field's
+forecasts beat the committee's of the first 30 calls, made by a model fitted on 20 structures,
+without significance). Only the most recent half
 of the forecasts is scored (all of them while fewer than ``2 MIN_PROSPECTIVE``): the committee
 learns, and its forecasts of forty calls ago are those of a different, worse forecaster. When the
 committee's spread says nothing about its errors, the mean wins and the campaign ranks by it;
@@ -223,44 +228,63 @@ def expected_missed(mu, spread, threshold: float, laws) -> tuple[float, ErrorLaw
 
 
 #: the forecasters of a structure's reference energy that ``acquisition = "p_window"`` chooses
-#: between, each a location and a scale per structure (energy per molecule)
+#: between, each a location and a scale per structure (energy per molecule); the first, the
+#: campaign's committee, ranks unless the measurements show another to forecast better
 FORECASTERS = ("committee", "committee_mean", "force_field")
+#: confidence at which a forecaster must beat the committee to rank the batch (Vuong's test)
+SWITCH_CONFIDENCE = 0.95
 
 
-def forecast_loglik(energy_ref, loc, scale) -> float:
-    """Log-likelihood (log density of the reference energies, per molecule) of the forecasts
-    ``E ~ loc + scale * t``, with the t law's tail and scale fitted by maximum likelihood
-    (profile over ``DF_GRID``); -inf with fewer than ``MIN_PROSPECTIVE`` forecasts.
+def forecast_logdensity(energy_ref, loc, scale) -> np.ndarray:
+    """Log density of each reference energy (per molecule) under the forecast
+    ``E ~ loc + scale * t``, the t law's tail and scale fitted by maximum likelihood (profile
+    over ``DF_GRID``) to all of them; empty with fewer than ``MIN_PROSPECTIVE`` usable forecasts.
 
-    Every forecaster compared has the same two fitted parameters (tail, scale factor), so the
-    difference of two such values is the difference of their AIC halves: the better forecaster of
-    the reference energies the campaign has measured, each forecast made before the measurement
-    (Dawid's prequential principle: judge a forecaster by its forecasts, not by its fit).
+    Every forecaster compared this way has the same two fitted parameters (tail, scale factor),
+    so the sums of two such arrays differ as their AIC halves do (Dawid's prequential principle:
+    a forecaster is judged by the forecasts it made before each measurement, not by its fit).
     """
     e = np.asarray(energy_ref, dtype=np.float64)
     loc = np.asarray(loc, dtype=np.float64)
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), e.shape)
-    keep = np.isfinite(e) & np.isfinite(loc) & np.isfinite(scale) & (scale > 0)
-    if keep.sum() < MIN_PROSPECTIVE:
-        return float("-inf")
-    z = (e[keep] - loc[keep]) / scale[keep]
+    if not (np.isfinite(e) & np.isfinite(loc) & np.isfinite(scale) & (scale > 0)).all() or len(e) < MIN_PROSPECTIVE:
+        return np.zeros(0)
+    z = (e - loc) / scale
     if not np.any(z != 0):
-        return float("inf")
-    best = max(_profile_scale(z, df).loglik(z) for df in DF_GRID)
-    return float(best - np.sum(np.log(scale[keep])))
+        raise ValueError("every forecast was exactly the measured energy")
+    law = max((_profile_scale(z, df) for df in DF_GRID), key=lambda law: law.loglik(z))
+    x = z / law.scale
+    const = special.gammaln((law.df + 1.0) / 2.0) - special.gammaln(law.df / 2.0) - 0.5 * np.log(law.df * np.pi)
+    return const - np.log(law.scale * scale) - (law.df + 1.0) / 2.0 * np.log1p(x * x / law.df)
 
 
-def best_forecaster(energy_ref, forecasts: dict) -> tuple[str | None, dict]:
-    """The forecaster with the largest :func:`forecast_loglik` and every forecaster's value.
+def best_forecaster(energy_ref, forecasts: dict, confidence: float = SWITCH_CONFIDENCE) -> tuple[str | None, dict]:
+    """The forecaster that ranks the batch, and Vuong's statistic of each against the first.
 
-    ``forecasts``: name -> (loc, scale) arrays aligned with ``energy_ref``. None (and an empty
-    dict) while fewer than ``MIN_PROSPECTIVE`` forecasts exist. Ties go to the first name.
+    ``forecasts``: name -> (loc, scale) arrays aligned with ``energy_ref``, the first being the
+    default (the committee). Another forecaster replaces it only when Vuong's test for
+    non-nested models rejects, at ``confidence`` (one-sided), that it forecasts no better:
+    ``sqrt(n) mean(d) / std(d) > z_confidence`` with ``d_i`` the difference of the two log
+    densities of measurement i. Of several that pass, the one with the largest log-likelihood
+    ranks. None (and an empty dict) while fewer than ``MIN_PROSPECTIVE`` forecasts exist.
     """
-    scores = {name: forecast_loglik(energy_ref, loc, scale) for name, (loc, scale) in forecasts.items()}
-    finite = {k: v for k, v in scores.items() if np.isfinite(v) or v == float("inf")}
-    if not finite:
+    names = list(forecasts)
+    logd = {name: forecast_logdensity(energy_ref, *forecasts[name]) for name in names}
+    if not names or len(logd[names[0]]) == 0:
         return None, {}
-    return max(finite, key=lambda k: (finite[k], -list(forecasts).index(k))), scores
+    default = logd[names[0]]
+    vuong, passed = {}, []
+    for name in names[1:]:
+        if len(logd[name]) != len(default):
+            continue
+        d = logd[name] - default
+        sd = float(np.std(d, ddof=1))
+        vuong[name] = float(np.sqrt(len(d)) * np.mean(d) / sd) if sd > 0 else 0.0
+        if vuong[name] > stats.norm.ppf(confidence):
+            passed.append(name)
+    if not passed:
+        return names[0], vuong
+    return max(passed, key=lambda name: float(np.sum(logd[name]))), vuong
 
 
 def energy_density(mu, sigma, grid) -> np.ndarray:

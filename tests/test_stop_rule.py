@@ -189,7 +189,7 @@ def test_floor_calls_is_the_smallest_measured_set_by_brute_force():
 
 
 # -- choosing the forecaster that ranks the batch ---------------------------------------------------
-def test_forecast_loglik_is_the_best_t_likelihood_of_the_energies():
+def test_forecast_logdensity_is_the_best_t_likelihood_of_the_energies():
     """Against scipy.stats.t on a fine grid of scales, for the best degrees of freedom of DF_GRID."""
     rng = np.random.default_rng(0)
     loc = rng.normal(size=60)
@@ -198,8 +198,9 @@ def test_forecast_loglik_is_the_best_t_likelihood_of_the_energies():
     direct = max(
         float(np.sum(stats.t.logpdf((e - loc) / (scale * s), df) - np.log(scale * s)))
         for df in conv.DF_GRID for s in np.exp(np.linspace(np.log(0.5), np.log(5.0), 4001)))
-    assert conv.forecast_loglik(e, loc, scale) == pytest.approx(direct, abs=1e-3)
-    assert conv.forecast_loglik(e[:10], loc[:10], scale[:10]) == -np.inf   # too few to judge
+    logd = conv.forecast_logdensity(e, loc, scale)
+    assert logd.shape == (60,) and logd.sum() == pytest.approx(direct, abs=1e-3)
+    assert len(conv.forecast_logdensity(e[:10], loc[:10], scale[:10])) == 0   # too few to judge
 
 
 def test_the_best_forecaster_is_the_one_that_generated_the_energies():
@@ -216,6 +217,13 @@ def test_the_best_forecaster_is_the_one_that_generated_the_energies():
     # the cheap level is right up to a small noise, the committee is not
     assert conv.best_forecaster(e_ff + 0.5 * rng.normal(size=n), forecasts)[0] == "force_field"
     assert conv.best_forecaster(mu[:5], {k: (a[:5], b[:5]) for k, (a, b) in forecasts.items()})[0] is None
+    # a mean that forecasts a little better, not significantly: the committee keeps ranking
+    e = mu + spread * rng.normal(size=n)
+    _, vuong = conv.best_forecaster(e, forecasts)
+    d = (conv.forecast_logdensity(e, mu, np.ones(n)) - conv.forecast_logdensity(e, mu, spread))
+    assert vuong["committee_mean"] == pytest.approx(np.sqrt(n) * d.mean() / d.std(ddof=1))
+    close = {"committee": (mu, spread), "committee_mean": (mu, spread * (1.0 + 0.01 * rng.normal(size=n)))}
+    assert conv.best_forecaster(e, close)[0] == "committee"
 
 
 def test_a_campaign_stops_trusting_a_spread_that_says_nothing(monkeypatch):
