@@ -95,8 +95,9 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         stop = "budget"
     picks, pick_ei = check.picks[:0], check.pick_ei[:0]
     if stop is None and free_slots > 0:
-        if pending:
-            believing = believed_committee(view, model, features, fitted_rows, pending)
+        if pending:  # = believed_committee(view, model, features, fitted_rows, pending), measured rows reused
+            rows = np.asarray(pending, dtype=int)
+            believing = with_rows(measured_model, features[rows], measured_model.predict(features[rows]))
             chosen = cp.decide(view, believing, features, narrowed, decision)
             picks, pick_ei = chosen.picks, chosen.pick_ei
         else:
