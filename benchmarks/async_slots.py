@@ -2,6 +2,7 @@
 
     python benchmarks/async_slots.py [--json] [--slots 8 32 128] [--pools roy264 benzamide]
                                      [--members 256] [--seed 0] [--skip-100k]
+                                     [--skip-celery] [--celery-members 64]
 
 An in-process discrete-event simulation on the replay engine's answers. Each structure's reference
 job takes a duration drawn once from a log-normal (median 1 h, sigma 1; seeded), the same in both
@@ -22,6 +23,12 @@ running ones included), ``utilisation`` (busy slot-hours / slot-hours until then
 deciding cost no simulated time; their real cost is measured separately as
 ``decision_s_per_arrival_100k``: one arrival decision on a 100,000-structure pool with 1,000
 labelled and N - 1 jobs pending (synthetic features of the bundled pool's width).
+
+The simulated campaigns work in the pool's own coordinates (``pool_coordinates``: a rotation onto
+the span of its features, which changes no dot product, so no member, prediction or pick): the
+same figures at a fraction of the arithmetic. ``celery``: one real async campaign through Celery
+and Redis (``celery_run``: 2 workers holding 4 slots, the replay engine's job times drawn from
+the same log-normal with a median of 0.5 s) against its simulation.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lognormal_engine import durations_h  # noqa: E402
 from retro import campaign_features, fit_committee, load_pool, make_settings  # noqa: E402
 
 from graceq import campaign as cp  # noqa: E402
@@ -50,36 +58,52 @@ POOLS = {
 }
 
 
-def durations_h(n: int, seed: int) -> np.ndarray:
-    """Hours each structure's reference job takes: log-normal, median 1 h, sigma 1 (seeded)."""
-    return np.random.default_rng([seed, 1]).lognormal(mean=0.0, sigma=1.0, size=n)
-
-
 class Simulation:
     """Slots, a clock in hours, and the jobs running on them."""
 
-    def __init__(self, slots: int, hours: np.ndarray):
-        self.slots, self.hours = slots, hours
+    def __init__(self, slots: int, hours: np.ndarray, n_initial: int):
+        self.slots, self.hours, self.n_initial = slots, hours, n_initial
         self.clock = 0.0
         self.running: list[tuple[float, int]] = []  # (end time h, structure), a heap
-        self.busy_h = 0.0
+        self.started: list[tuple[float, int]] = []  # (start time h, structure) of every job sent
         self.sent: list[int] = []
+        self.n_arrived = 0
+        self.initial_done_h: float | None = None    # when the last job of the initial batch came back
 
     def send(self, idx: int) -> None:
         assert len(self.running) < self.slots
         heapq.heappush(self.running, (self.clock + self.hours[idx], int(idx)))
+        self.started.append((self.clock, int(idx)))
         self.sent.append(int(idx))
 
     def next_arrival(self) -> int:
         end, idx = heapq.heappop(self.running)
-        self.busy_h += self.hours[idx]
         self.clock = end
+        self.n_arrived += 1
+        if self.n_arrived == self.n_initial:
+            self.initial_done_h = end
         return idx
 
-    def utilisation(self) -> float:
-        """Busy slot-hours until now (jobs still running count up to now) / slot-hours until now."""
-        busy = self.busy_h + sum(self.clock - (end - self.hours[i]) for end, i in self.running)
-        return busy / (self.slots * self.clock)
+    def utilisation(self, since_h: float = 0.0) -> float:
+        """Busy slot-hours from ``since_h`` until now (running jobs count up to now) / slot-hours
+        in that time."""
+        busy = sum(max(0.0, min(self.clock, t + self.hours[i]) - max(since_h, t)) for t, i in self.started)
+        return busy / (self.slots * (self.clock - since_h))
+
+
+def pool_coordinates(features: np.ndarray) -> np.ndarray:
+    """The pool's features in an orthonormal basis of the space they span (n_pool coordinates
+    instead of p = 3,750 when the pool is smaller than the descriptor).
+
+    A rotation: every dot product between pool structures, hence every ridge member fitted on them
+    (dual form, unpenalised intercept), its predictions, lambda's cross-validation, the
+    calibration and every pick are those of the original features, up to round-off; only the
+    products are n_pool / p times cheaper. (``decision_s_per_arrival_100k`` keeps the full width.)
+    """
+    if features.shape[0] >= features.shape[1]:
+        return features
+    u, s, _ = np.linalg.svd(features, full_matrices=False)
+    return u * s
 
 
 def _view(pool, picks, arrived):
@@ -89,21 +113,27 @@ def _view(pool, picks, arrived):
 
 def _free_run(settings, n_batch):
     s = settings.model_copy(deep=True)
+    s.campaign.stop_rule = "p_conv"  # a rule that never fires: the runs go on to full recall
     s.campaign.p_conv_target = np.inf
     s.campaign.n_batch = n_batch
     return s
 
 
 def _figures(sim: Simulation, window: set, arrived: list) -> dict:
+    after = sim.initial_done_h
     return {"wall_h_to_full_recall": round(sim.clock, 2), "calls_to_full_recall": len(sim.sent),
-            "utilisation": round(sim.utilisation(), 4), "results_at_full_recall": len(arrived)}
+            "utilisation": round(sim.utilisation(), 4), "results_at_full_recall": len(arrived),
+            # where the time goes: the initial batch is one synchronous round in both modes
+            "initial_batch_h": None if after is None else round(after, 2),
+            "utilisation_after_initial_batch": None if after is None or after >= sim.clock
+            else round(sim.utilisation(after), 4)}
 
 
 def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
     """Synchronous rounds of width `slots`: each round waits for its slowest job."""
-    sim = Simulation(slots, hours)
     settings = _free_run(settings, slots)
     queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
+    sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
     while True:
         while queue or sim.running:  # one round: the batch on the slots, in waves if it is wider
@@ -122,14 +152,19 @@ def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
         picks += queue
 
 
-def run_async(pool, features, settings, slots, hours, window: set, timings: list) -> dict:
-    """Asynchronous steering with `slots` jobs in flight and the coordinator's refit schedule."""
-    sim = Simulation(slots, hours)
-    settings = _free_run(settings, slots)
+def run_async(pool, features, settings, slots, hours, window: set | None, timings: list) -> dict:
+    """Asynchronous steering with `slots` jobs in flight and the coordinator's refit schedule.
+
+    ``window`` None: the campaign's own settings (stop rule, budget) and figures when its last job
+    is back (the simulation of the real Celery run); else a free run to full recall of ``window``.
+    """
+    settings = _free_run(settings, slots) if window is not None else settings
     initial = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
+    sim = Simulation(slots, hours, len(initial))
     queue, picks, arrived = list(initial), list(initial), []
-    n0, k = len(initial), slots
+    n0, k = len(initial), settings.campaign.refit_every or slots
     fits: dict[int, tuple] = {}
+    stopped = False
 
     def fit(r):
         if r not in fits:
@@ -142,12 +177,16 @@ def run_async(pool, features, settings, slots, hours, window: set, timings: list
     while True:
         while queue and len(sim.running) < slots:
             sim.send(queue.pop(0))
+        if not sim.running:
+            if window is None:
+                return _figures(sim, set(), arrived)
+            raise RuntimeError("async run stopped before full recall")
         arrived.append(sim.next_arrival())
         n = len(arrived)
         picks_at[n] = list(picks)
-        if window <= set(arrived):
+        if window is not None and window <= set(arrived):
             return _figures(sim, window, arrived)
-        if n < n0:
+        if n < n0 or stopped:
             continue
         r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
         model, fitted_rows = fit(r)
@@ -157,10 +196,9 @@ def run_async(pool, features, settings, slots, hours, window: set, timings: list
         decision = steering.decide_on_arrival(view, model, features, settings, n, fitted_rows, pending,
                                               slots - len(pending))
         timings.append(time.perf_counter() - t)
+        stopped = decision.stop is not None
         queue += [int(i) for i in decision.picks]
         picks += [int(i) for i in decision.picks]
-        if not queue and not sim.running:
-            raise RuntimeError("async run stopped before full recall")
 
 
 def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0) -> float:
@@ -187,6 +225,108 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     return time.perf_counter() - t
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, budget: int = 40,
+               say=print) -> dict:
+    """Utilisation of a real async campaign through Celery and Redis against its simulation.
+
+    A private redis-server; two ``graceq worker`` processes on the dft queue with ``slots / 2``
+    processes each (the slots), and one on the featurize and fit queues (the coordinator's
+    refits); ``graceq run`` in async mode with ``slots`` slots on 66 ROY structures (every 4th of
+    ROY-264), n_init 8, ``budget`` calls. The engine (``lognormal_engine.py``) is the replay
+    engine with structure i's job lasting ``median_s`` times its simulated hours, and logs when
+    each job ran. ``utilisation_real``: busy slot-seconds / (slots x seconds from the first job's
+    start to the last one's end); ``utilisation_sim``: the same campaign (its settings, features
+    and durations in hours) in the discrete-event simulation, busy slot-hours / slot-hours until
+    its last result. The coordinator looks for results every 0.02 s (``poll_interval``): the
+    default 0.2 s is nothing next to hour-long jobs, but 40 % of a 0.5 s one.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    import tomli_w
+    from ase.io import read, write
+
+    from graceq.config import load_settings
+    from graceq.store import CampaignPaths
+
+    bench_dir = Path(__file__).resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix="graceq-async-celery-"))
+    pool_path = tmp / "roy66.extxyz"
+    write(pool_path, read(str(importlib.resources.files("graceq") / "data" / POOLS["roy264"][0]), ":")[::4],
+          format="extxyz")
+    settings = {
+        "campaign": {"pool": str(pool_path), "unit": "kJ/mol", "window": 5.0, "n_init": 8, "seed": seed,
+                     "mode": "async", "slots": slots, "budget": budget},
+        "model": {"n_members": members, "members_per_task": members},
+        "engine": {"engine": "lognormal_engine:LogNormalReplay", "delay_s": median_s, "delay_seed": seed},
+        "runtime": {"poll_interval": 0.02},
+    }
+    (tmp / "settings.toml").write_text(tomli_w.dumps(settings))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(bench_dir), os.environ.get("PYTHONPATH")])))
+    graceq = [sys.executable, "-m", "graceq.cli"]
+    port = _free_port()
+    broker = f"redis://127.0.0.1:{port}/0"
+    procs = [subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)]
+    target = tmp / "campaign"
+    try:
+        time.sleep(0.5)
+        subprocess.run(graceq + ["init", str(target), "--settings", str(tmp / "settings.toml")], env=env,
+                       check=True, capture_output=True, timeout=600)
+        for k, (queues, concurrency) in enumerate([("dft", slots // 2), ("dft", slots - slots // 2),
+                                                   ("featurize,fit", 1)]):
+            log = open(tmp / f"worker{k}.log", "wb")
+            procs.append(subprocess.Popen(graceq + ["worker", "--queues", queues, "--concurrency", str(concurrency),
+                                                    "--name", f"bench{k}@%h", "--broker", broker,
+                                                    "--allow-code"],  # the engine is this folder's file
+                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        t = time.perf_counter()
+        run = subprocess.run(graceq + ["run", str(target), "--broker", broker, "--quiet"], env=env,
+                             capture_output=True, text=True, timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"graceq run failed:\n{run.stdout}\n{run.stderr}")
+        wall_s = time.perf_counter() - t
+    finally:
+        for proc in procs[1:]:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+        for proc in procs[1:]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        procs[0].terminate()
+        procs[0].wait(timeout=10)
+    paths = CampaignPaths(target)
+    spans = []
+    for log in sorted(paths.root.glob("**/runs.log")):
+        spans += [tuple(float(v) for v in line.split()) for line in log.read_text().splitlines() if line.strip()]
+    spans = np.array(spans)
+    busy = float((spans[:, 1] - spans[:, 0]).sum())
+    real = busy / (slots * (spans[:, 1].max() - spans[:, 0].min()))
+
+    campaign = load_settings(paths.settings)
+    pool = load_pool(str(pool_path), "kJ/mol")
+    features = pool_coordinates(np.load(paths.features))
+    sim = run_async(pool, features, campaign, slots, durations_h(len(pool), seed), None, [])
+    out = {"slots": slots, "utilisation_sim": round(float(sim["utilisation"]), 4), "utilisation_real": round(real, 4),
+           "jobs_real": int(len(spans)), "jobs_sim": sim["calls_to_full_recall"], "median_job_s": median_s,
+           "wall_s": round(wall_s, 1), "workers": "2 on dft (slots / 2 processes each) + 1 on featurize,fit"}
+    say(json.dumps(out))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -195,6 +335,9 @@ def main(argv=None) -> None:
     parser.add_argument("--members", type=int, default=256, help="committee members (default: the campaign default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-100k", action="store_true", help="leave out decision_s_per_arrival_100k")
+    parser.add_argument("--skip-celery", action="store_true", help="leave out the real Celery + Redis run")
+    parser.add_argument("--celery-members", type=int, default=64,
+                        help="committee members of the real run (default 64: its 66-structure pool)")
     args = parser.parse_args(argv)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     cache = Path(tempfile.gettempdir()) / "graceq-bench-cache"
@@ -206,7 +349,9 @@ def main(argv=None) -> None:
         settings = make_settings(path, "kJ/mol", window, 20, 8, args.seed, on_bad)
         settings.model.n_members = args.members
         settings.model.members_per_task = args.members
-        features = campaign_features(pool, settings, cache)
+        raw = campaign_features(pool, settings, cache)
+        width = raw.shape[1]  # the descriptor's width: the 100k decision is timed at it
+        features = pool_coordinates(raw)
         window_set = set(int(i) for i in pool.window_structures(window))
         hours = durations_h(len(pool), args.seed)
         for slots in args.slots:
@@ -221,8 +366,11 @@ def main(argv=None) -> None:
         "runs": runs,
         "decision_s_per_arrival_sim": round(float(np.mean(timings)), 4) if timings else None,
         "decision_s_per_arrival_100k": None if args.skip_100k else round(
-            decision_time_100k(32, features.shape[1], args.members), 3),
-        "celery": None,
+            decision_time_100k(32, width, args.members), 3),
+        "celery": None if args.skip_celery else celery_run(args.seed, args.celery_members, median_s=0.5, say=say),
+        # the same with jobs 4x longer: the per-job dispatch overhead (a constant in seconds) weighs 4x less
+        "celery_median_2s": None if args.skip_celery else celery_run(args.seed, args.celery_members, median_s=2.0,
+                                                                     say=say),
         "settings": {"n_init": 20, "members": args.members, "durations": "log-normal, median 1 h, sigma 1",
                      "seed": args.seed, "refit_every": "slots"},
     }

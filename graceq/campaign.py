@@ -318,8 +318,10 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
     return picks.astype(int), ei[picks], forecaster
 
 
-def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int) -> Decision:
-    """Assess the fitted committee, state the risk, test the stop, and pick the next batch."""
+def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int,
+           pick: bool = True) -> Decision:
+    """Assess the fitted committee, state the risk, test the stop, and pick the next batch
+    (``pick`` False: the assessment and the stop only, no picks; ``stats.n_next`` is then 0)."""
     c = settings.campaign
     apm = view.atoms_per_molecule
     e_ff_mol = view.energy_ff_mol
@@ -379,7 +381,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
 
     picks = np.array([], dtype=int)
     pick_ei = np.array([], dtype=float)
-    if stats.stop is None:
+    if stats.stop is None and pick:
         n = min(batch_size(c.n_batch, len(mu)), budget - stats.n_reference_calls, len(unlabelled))
         picks, pick_ei, stats.forecaster = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap,
                                                     ei, best, c.window, n)

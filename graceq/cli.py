@@ -161,7 +161,10 @@ def init(campaign_dir, settings_file, **overrides) -> None:
 @click.option("--settings", "settings_file", type=click.Path(dir_okay=False),
               help="create the campaign from these settings if the directory has none")
 @broker_options
-@click.option("--max-iterations", type=int, help="stop after this many iterations (resume later)")
+@click.option("--max-iterations", type=int,
+              help="stop after this many iterations (resume later); in async mode an iteration is "
+                   "`refit_every` decisions (one refit of the committee), after which the run sends nothing "
+                   "more, waits for the jobs in flight and records them")
 @click.option("--risk", type=float, help="a new stated risk to stop at (lower: an existing campaign goes on past its stop)")
 @click.option("--p-conv-target", type=float, help='a new p_conv target (stop_rule "p_conv"; an existing campaign goes on)')
 @click.option("--quiet", is_flag=True, help="no progress bars (the per-iteration lines stay)")

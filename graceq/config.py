@@ -63,7 +63,13 @@ class CampaignSection(_Section):
     )
     slots: int = Field(8, ge=1, description="reference jobs kept in flight in async mode")
     refit_every: int = Field(
-        0, ge=0, description="async mode: results between two full refits of the committee (0: `slots`)",
+        0, ge=0, description="async mode: results between two full refits of the committee (0: `slots`); "
+        "also the length of one iteration for `graceq run --max-iterations`",
+    )
+    cancel_on_stop: bool = Field(
+        False, description="async mode: when the stopping rule fires, cancel the reference jobs still running "
+        "(each is recorded as a failed result, \"cancelled\") instead of waiting for them and recording their "
+        "results. Jobs an engine's scheduler holds (submit/poll) are waited for; a budget stop always waits",
     )
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
     energy_key: str = Field("energy_ff", description="key of the force-field energy (total per cell, in `unit`) "

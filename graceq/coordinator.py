@@ -465,19 +465,43 @@ class Coordinator:
                 for it in self.store.iterations()}
 
     def _async_loop(self, write_summary) -> dict:
-        """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival."""
+        """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival.
+
+        With ``max_iterations``, an iteration is ``refit_every`` decisions (the arrivals one refit of
+        the committee spans): after that many decisions this run sends nothing more, waits for the
+        jobs in flight and records them; `graceq run` again makes the decisions of the arrivals that
+        came in meanwhile, from the arrival log, and goes on.
+        """
         features = self.ensure_features()
         self.pick_initial_batch(features)
         n0 = self._n_initial()
         self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
         decided = {it["iteration"]: it for it in self.store.iterations()}
         stopped = any(it.get("stop") for it in decided.values())
+        limit = None if self.max_iterations is None else self.max_iterations * self.refit_every
+        made = 0  # decisions made by this run
+
+        def react(m: int) -> bool:
+            """Decide after arrival m unless the campaign stopped or this run made its decisions."""
+            nonlocal made
+            if stopped or (limit is not None and made >= limit):
+                return stopped
+            made += 1
+            stop = self._react(m, features)
+            if limit is not None and made >= limit and stop is None:
+                self._say(f"arrival {m}: {self.max_iterations} iterations of {self.refit_every} decisions made; "
+                          f"waiting for {len(self.dispatcher.in_flight)} running jobs (`graceq run` goes on)")
+            return stop is not None
+
+        if stopped and self.dispatcher.in_flight:  # killed after its stop: cancel (or wait) as it would have
+            last = max(m for m, it in decided.items() if it.get("stop"))
+            self.stop_running(last, decided[last]["stop"])
         n = len(self.store.arrivals())
         if n >= n0 and n >= self._fit_arrivals(self.fit_schedule(n) + 1):  # a refit that fell due before a kill
             self._launch_fit(self.fit_schedule(n) + 1, features)
         for m in range(n0, n + 1):  # a coordinator killed between a result and its decision
-            if not stopped and m not in decided:
-                stopped = self._react(m, features) is not None
+            if m not in decided:
+                stopped = react(m)
         try:
             while self.dispatcher.in_flight:
                 landed = self.dispatcher.arrivals()
@@ -489,8 +513,8 @@ class Coordinator:
                     if not self.on_result(idx, record):
                         continue
                     n += 1
-                    if n >= n0 and not stopped:
-                        stopped = self._react(n, features) is not None
+                    if n >= n0:
+                        stopped = react(n)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
@@ -503,6 +527,19 @@ class Coordinator:
             self._launch_fit(self.fit_schedule(n) + 1, features)
         decision = self.decide_on_arrival(n, features)
         self.send_picks(decision.picks.tolist())
-        if decision.stop:  # the running jobs are waited for, and their results recorded
-            self._say(f"arrival {n}: stop: {decision.stop}; waiting for {len(self.dispatcher.in_flight)} running jobs")
+        if decision.stop:
+            self.stop_running(n, decision.stop)
         return decision.stop
+
+    def stop_running(self, n: int, stop: str) -> None:
+        """Stop: the jobs still running are cancelled (``cancel_on_stop``, when the stopping rule fired)
+        or waited for; either way each one's result is recorded as it lands (a cancelled job's is a
+        failed result saying so)."""
+        running = len(self.dispatcher.in_flight)
+        if stop == "converged" and self.settings.campaign.cancel_on_stop and running:
+            cancelled = self.dispatcher.cancel(f"cancelled: the campaign stopped (arrival {n}: {stop}; cancel_on_stop)")
+            self._say(f"arrival {n}: stop: {stop}; cancelled {len(cancelled)} of {running} running jobs"
+                      + (f" (the other {running - len(cancelled)} had ended or are held by the engine's scheduler)"
+                         if len(cancelled) < running else ""))
+        else:
+            self._say(f"arrival {n}: stop: {stop}; waiting for {running} running jobs")

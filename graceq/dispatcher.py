@@ -114,6 +114,15 @@ class Lease:
         self._thread.start()
         return True
 
+    def seize(self) -> None:
+        """Claim the task even from a live holder (a cancelled job): the holder's next beat raises
+        LeaseLost, and it writes nothing more (``write_if_held``). Not beaten: released at once."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        claim = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}")
+        atomic_write_json(claim, {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                                  "token": self.token})
+        os.replace(claim, self.path)
+
     def _beat(self) -> None:
         while not self._stop.wait(max(0.5, self.timeout_s / 6)):
             try:
@@ -495,6 +504,54 @@ class Dispatcher:
         for i, _ in landed:
             self.in_flight.discard(i)
         return sorted(landed, key=lambda item: item[0])
+
+    def cancel(self, reason: str) -> list[int]:
+        """Cancel the reference jobs in flight: each gets a failed result (``reason``), recorded
+        when it lands like any other; returns the jobs cancelled.
+
+        The dispatcher seizes the job's lease before it writes the result, so that the worker running
+        it stops at its next heartbeat and writes nothing (a result it wrote first is kept: it lands
+        as it is); a delivery still queued finds the result and returns. The task is also revoked
+        (terminated where it runs), when the broker can say so to the workers. A job that an engine's
+        scheduler holds (``submitted.json``) is left to finish: the engine interface has no cancel.
+        """
+        from graceq.engines import ReferenceResult
+
+        jobs = self.store.jobs()
+        cancelled = []
+        for i in sorted(self.in_flight):
+            job_dir = self.paths.job_dir(i)
+            result = self.paths.result(i)
+            if result.exists() or (job_dir / SUBMITTED).exists():
+                continue
+            task_id = jobs[i][0]
+            lease = Lease(job_dir / "lease.json", self._rt.lease_timeout)
+            lease.seize()
+            try:
+                record = dict(ReferenceResult.failed(str(self.names[i]), reason).to_json(), idx=int(i), task_id=task_id)
+                tmp = result.with_name(f".{result.name}.cancel.tmp")
+                atomic_write_json(tmp, record)
+                try:
+                    os.link(tmp, result)  # never over a result the worker wrote first
+                except FileExistsError:
+                    pass
+                else:
+                    cancelled.append(i)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            finally:
+                lease.release()
+            self._revoke(task_id)
+        return cancelled
+
+    def _revoke(self, task_id: str) -> None:
+        """Ask the workers to drop (or terminate) a task; best effort: the lease already stops it."""
+        from graceq.app import app
+
+        try:
+            app.control.revoke(task_id, terminate=True, signal="SIGTERM")
+        except Exception as exc:  # a broker without broadcast (the embedded folder broker)
+            log.info("could not revoke %s: %s", task_id, exc)
 
     def _checked(self, idx: int, path: Path, task_id: str | None) -> dict | None:
         """The result record of job idx when it may count (graceq.trust: readable, the name and task

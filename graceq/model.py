@@ -17,11 +17,21 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import KFold
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 
 # A tuple (not an array) so that scikit-learn can compare it with a parameter in repr/clone.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-10, 1, 12))
+
+# One look for the BLAS libraries (threadpool_limits() looks again at every call: milliseconds
+# per call, which add up over the thousands of small fits of an asynchronous campaign).
+_THREADPOOLS = ThreadpoolController()
+
+
+def _one_thread():
+    """Single-threaded BLAS within a block (batched small solves: more threads only spin)."""
+    return _THREADPOOLS.limit(limits=1)
+
 
 # Members solved together per batched LAPACK call: bounds the (chunk, n_sub, n_sub) work array.
 _MEMBER_CHUNK = 32
@@ -114,14 +124,15 @@ def fit_members(X, y, alpha: float, subsets):
     y = np.asarray(y, dtype=np.float64)
     subsets = np.atleast_2d(np.asarray(subsets, dtype=np.intp))
     m, n_sub = subsets.shape
-    p = X.shape[1]
+    n, p = X.shape
     shift = X.mean(axis=0)
     Xs = X - shift
+    dual = p > n_sub
+    if dual:
+        return _fit_members_dual(Xs, y, alpha, subsets, shift)
     coef = np.empty((m, p))
     intercept = np.empty(m)
-    dual = p > n_sub
-    gram = Xs @ Xs.T if dual else None
-    eye = np.eye(n_sub if dual else p)
+    eye = np.eye(p)
     for lo in range(0, m, _MEMBER_CHUNK):
         idx = subsets[lo:lo + _MEMBER_CHUNK]
         Xm = Xs[idx]                                        # (c, n_sub, p)
@@ -129,21 +140,47 @@ def fit_members(X, y, alpha: float, subsets):
         ym = y[idx]
         y_mean = ym.mean(axis=1)
         yc = ym - y_mean[:, None]
-        if dual:
-            K = gram[idx[:, :, None], idx[:, None, :]]      # (c, n_sub, n_sub)
-            K = K - K.mean(axis=1, keepdims=True)
-            K = K - K.mean(axis=2, keepdims=True)           # centred Gram of the member's rows
-            with threadpool_limits(1):      # batched small solves: BLAS threads only spin
-                dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
-            w = np.einsum("cn,cnp->cp", dual_coef, Xm - x_mean[:, None, :])
-        else:
-            Xc = Xm - x_mean[:, None, :]
-            A = np.einsum("cnp,cnq->cpq", Xc, Xc) + alpha * eye
-            with threadpool_limits(1):
-                w = np.linalg.solve(A, np.einsum("cnp,cn->cp", Xc, yc)[:, :, None])[:, :, 0]
+        Xc = Xm - x_mean[:, None, :]
+        A = np.matmul(Xc.transpose(0, 2, 1), Xc) + alpha * eye   # matmul: BLAS, where einsum is not
+        with _one_thread():
+            w = np.linalg.solve(A, np.matmul(Xc.transpose(0, 2, 1), yc[:, :, None]))[:, :, 0]
         coef[lo:lo + len(idx)] = w
         # intercept in the caller's (unshifted) coordinates
         intercept[lo:lo + len(idx)] = y_mean - np.einsum("cp,cp->c", x_mean + shift, w)
+    return coef, intercept
+
+
+def _fit_members_dual(Xs, y, alpha, subsets, shift):
+    """``fit_members`` in the dual (p > n_sub), on features already shifted by ``shift``.
+
+    Member i solves ``(Kc_i + lambda I) a_i = yc_i`` with Kc_i the doubly centred Gram matrix of
+    its rows; its weights are ``w_i = sum_n a_in (x_n - xbar_i)``. Those sums are done for all
+    members at once as two (members x rows) x (rows x features) products, with each member's
+    dual coefficients and row weights scattered onto the rows it uses, rather than by copying
+    every member's rows (members x n_sub x p floats): the same numbers, at matrix-product speed.
+    """
+    m, n_sub = subsets.shape
+    n = len(Xs)
+    gram = Xs @ Xs.T
+    eye = np.eye(n_sub)
+    scattered = np.zeros((m, n))                            # a_i on member i's rows
+    row_weights = np.zeros((m, n))                          # 1 / n_sub on member i's rows
+    members = np.arange(m)[:, None]
+    row_weights[members, subsets] = 1.0 / n_sub
+    y_mean = y[subsets].mean(axis=1)
+    for lo in range(0, m, _MEMBER_CHUNK):
+        idx = subsets[lo:lo + _MEMBER_CHUNK]
+        yc = y[idx] - y_mean[lo:lo + len(idx), None]
+        K = gram[idx[:, :, None], idx[:, None, :]]          # (c, n_sub, n_sub)
+        K = K - K.mean(axis=1, keepdims=True)
+        K = K - K.mean(axis=2, keepdims=True)               # centred Gram of the member's rows
+        with _one_thread():                                 # batched small solves: BLAS threads only spin
+            dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
+        scattered[members[lo:lo + len(idx)], idx] = dual_coef
+    x_mean = row_weights @ Xs                               # (m, p) mean shifted row of each member
+    coef = scattered @ Xs - scattered.sum(axis=1)[:, None] * x_mean
+    # intercept in the caller's (unshifted) coordinates
+    intercept = y_mean - np.einsum("cp,cp->c", x_mean + shift, coef)
     return coef, intercept
 
 

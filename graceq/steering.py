@@ -86,7 +86,8 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
     running = set(pending)
     measured_view = cp.CampaignView(view.n_atoms, view.energy_ff, view.atoms_per_molecule,
                                     [i for i in view.picks if i not in running], view.results, view.predictions)
-    check = cp.decide(measured_view, measured_model, features, narrowed, decision)
+    # with jobs pending the picks come from the believing committee below: the check only assesses
+    check = cp.decide(measured_view, measured_model, features, narrowed, decision, pick=not pending)
     n_calls = len(view.picks)
     budget = settings.campaign.budget or len(view.n_atoms)
     stop = check.stop
@@ -94,8 +95,9 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         stop = "budget"
     picks, pick_ei = check.picks[:0], check.pick_ei[:0]
     if stop is None and free_slots > 0:
-        if pending:
-            believing = believed_committee(view, model, features, fitted_rows, pending)
+        if pending:  # = believed_committee(view, model, features, fitted_rows, pending), measured rows reused
+            rows = np.asarray(pending, dtype=int)
+            believing = with_rows(measured_model, features[rows], measured_model.predict(features[rows]))
             chosen = cp.decide(view, believing, features, narrowed, decision)
             picks, pick_ei = chosen.picks, chosen.pick_ei
         else:

@@ -24,7 +24,8 @@ import sys
 from graceq.coordinator import Coordinator
 
 campaign_dir, broker, slots, refit_every = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
-coordinator = Coordinator(campaign_dir, broker_url=broker, progress=False)
+max_iterations = int(sys.argv[5]) if len(sys.argv) > 5 else None
+coordinator = Coordinator(campaign_dir, broker_url=broker, progress=False, max_iterations=max_iterations)
 campaign = coordinator.settings.campaign.model_copy(update={"mode": "async", "slots": slots, "refit_every": refit_every})
 coordinator.settings = coordinator.settings.model_copy(update={"campaign": campaign})
 coordinator.run()
@@ -33,8 +34,9 @@ coordinator.run()
 SLOTS, REFIT_EVERY = 4, 3
 
 
-def _async(target: Path, broker: str | None = None) -> list[str]:
-    return [sys.executable, "-c", RUN_ASYNC, str(target), broker or "", str(SLOTS), str(REFIT_EVERY)]
+def _async(target: Path, broker: str | None = None, max_iterations: int | None = None) -> list[str]:
+    return ([sys.executable, "-c", RUN_ASYNC, str(target), broker or "", str(SLOTS), str(REFIT_EVERY)]
+            + ([] if max_iterations is None else [str(max_iterations)]))
 
 
 def _init(tmp_path: Path, pool: Path, **extra) -> Path:
@@ -141,5 +143,55 @@ def test_sigkill_in_async_mode_loses_nothing_sends_nothing_twice_and_replays_the
     assert _count(target, "SELECT COUNT(*) FROM picks") == 26
     jobs_sent = _count(target, "SELECT SUM(attempts) FROM jobs")
     assert jobs_sent <= 26 + (2 if victim == "worker" else 0), "jobs sent again beyond the lease rules"
+    stored, replayed = _replayed(target)
+    assert replayed == stored
+
+
+def _results(target: Path) -> dict[int, tuple[str, str]]:
+    with sqlite3.connect(target / "state.sqlite") as db:
+        return {idx: (status, message) for idx, status, message in
+                db.execute("SELECT idx, status, message FROM results")}
+
+
+def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_small, workers, redis_url, tmp_path):
+    # risk 0.99: the stopping rule fires as soon as the risk is stated (20 prospective errors), with
+    # jobs of 3 s in flight; they are cancelled, not waited for, and recorded as cancelled
+    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 60, "risk": 0.99, "cancel_on_stop": True},
+                   engine={"engine": "replay", "delay_s": 3.0})
+    workers.start(queues="featurize,fit", concurrency=1, name="fitter@%h")
+    workers.start(queues="dft", concurrency=SLOTS, name="dft@%h")
+    run = subprocess.run(_async(target, redis_url), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((target / "summary.json").read_text())
+    assert summary["stop"] == "converged"
+    _check_nothing_lost_or_twice(target)
+    with sqlite3.connect(target / "state.sqlite") as db:
+        stop_at, stats = db.execute("SELECT iteration, stats FROM iterations WHERE json_extract(stats, '$.stop') "
+                                    "IS NOT NULL").fetchone()
+        running = [idx for (idx,) in db.execute("SELECT idx FROM picks WHERE iteration < ?", (stop_at,))
+                   if idx not in {i for (i,) in db.execute("SELECT idx FROM arrivals ORDER BY seq LIMIT ?",
+                                                           (stop_at,))}]
+    assert json.loads(stats)["n_pending"] == len(running) > 0
+    results = _results(target)
+    cancelled = [idx for idx in running if results[idx][0] == "failed" and "cancelled" in results[idx][1]]
+    assert cancelled, f"no running job was cancelled: {[results[i] for i in running]}"
+    assert all(results[idx][0] == "converged" for idx in running if idx not in cancelled)  # ended first
+    time.sleep(4.0)  # a worker that ran a cancelled job on writes nothing over its cancelled result
+    for idx in cancelled:
+        assert json.loads((target / "results" / f"{idx:06d}.json").read_text())["status"] == "failed"
+
+
+def test_max_iterations_in_async_mode_counts_refits_and_a_second_run_goes_on(roy_small, tmp_path):
+    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 24},
+                   engine={"engine": "replay", "delay_s": 0.3})
+    subprocess.run(_async(target, max_iterations=2), check=True, timeout=900)
+    # two iterations of REFIT_EVERY decisions, then the jobs in flight were waited for and recorded
+    assert _count(target, "SELECT COUNT(*) FROM iterations") == 2 * REFIT_EVERY
+    _check_nothing_lost_or_twice(target)
+    assert not (target / "summary.json").exists() or json.loads((target / "summary.json").read_text())["stop"] is None
+    subprocess.run(_async(target), check=True, timeout=900)
+    assert json.loads((target / "summary.json").read_text())["stop"] is not None
+    _check_nothing_lost_or_twice(target)
+    assert _count(target, "SELECT COUNT(*) FROM picks") == 24
     stored, replayed = _replayed(target)
     assert replayed == stored

@@ -43,3 +43,13 @@ def test_every_bad_field_is_named(tmp_path):
         settings_from_dict({"campaign": {"pool": "p", "window": -1, "n_init": 0}}, source="my.toml")
     message = str(err.value)
     assert "my.toml" in message and "campaign.window" in message and "campaign.n_init" in message
+
+
+def test_async_settings_default_to_waiting_for_running_jobs_and_reject_a_non_boolean(tmp_path):
+    s = settings_from_dict({"campaign": {"pool": "p", "mode": "async", "slots": 4}})
+    assert s.campaign.cancel_on_stop is False
+    (tmp_path / "s.toml").write_text('[campaign]\npool = "p"\nmode = "async"\ncancel_on_stop = true\n')
+    assert load_settings(tmp_path / "s.toml").campaign.cancel_on_stop is True
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"campaign": {"pool": "p", "cancel_on_stop": "sometimes"}}, source="my.toml")
+    assert "campaign.cancel_on_stop" in str(err.value)
