@@ -160,8 +160,11 @@ class Workers:
         for k in range(self.n):
             log = open(self.folder / f"worker{k}.log", "ab")
             self.procs.append(subprocess.Popen(
+                # --allow-code: the campaigns name benchmarks/fault_engine.py, which a worker refuses
+                # otherwise since issue 10 (the embedded workers of `graceq run` allow it)
                 graceq_cmd() + ["worker", "--broker", self.broker, "--concurrency", "1", "--name",
-                                f"fault{k}-{len(self.procs)}@%h", "--loglevel", "WARNING"],
+                                f"fault{k}-{len(self.procs)}@%h", "--loglevel", "WARNING", "--allow-code",
+                                "--campaign-root", str(self.folder.parent)],
                 env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def kill(self) -> None:
