@@ -11,7 +11,9 @@ non-zero exit, as systemd's ``Restart=on-failure`` does; a campaign not finished
 ``--timeout`` counts as stalled.
 
 Per scenario: ``runs``; ``lost`` (reference results of the undisturbed campaign missing or
-different at the end); ``duplicated`` (reference jobs run to completion more than once);
+different at the end); ``duplicated`` (reference jobs whose result the engine kept more than
+once: run to completion twice); ``reruns`` (engine runs beyond the first, including a re-run of a
+job whose first result could not be written, e.g. on a full disk, which is its recovery);
 ``same_picks`` (every pick, in order, equal to the undisturbed campaign's); ``recover_s`` (wall
 time of the disturbed campaign minus the undisturbed one's, averaged over runs: what the fault
 cost); ``stalled`` (runs that did not finish) and ``restarts`` (coordinator restarts).
@@ -43,7 +45,7 @@ BUDGET = 16
 SCENARIOS = [
     "coordinator_sigkill", "copy_without_wal", "worker_sigkill_featurize", "worker_sigkill_fit",
     "worker_sigkill_reference", "all_workers_sigkill_during_fit", "disk_full", "sigstop_past_lease",
-    "redis_restart_aof", "redis_down", "truncated_result", "poison_job", "two_coordinators",
+    "redis_restart_aof", "redis_down", "truncated_result", "poison_job", "two_coordinators", "worker_sigkill_idle",
 ]
 SHORT = ["coordinator_sigkill", "copy_without_wal"]
 
@@ -102,8 +104,10 @@ def results_of(campaign: Path) -> dict:
                 for r in db.execute("SELECT idx, status, energy_ref FROM results")}
 
 
-def duplicated_runs(campaign: Path) -> int:
-    return sum(max(0, len(log.read_text().splitlines()) - 1) for log in campaign.glob("jobs/*/runs.log"))
+def duplicated_runs(campaign: Path, log_name: str = "kept.log") -> int:
+    """Jobs whose result the engine kept more than once (kept.log), or, with ``runs.log``, runs
+    beyond the first (re-runs of a job whose first result could not be written count here too)."""
+    return sum(max(0, len(log.read_text().splitlines()) - 1) for log in campaign.glob(f"jobs/*/{log_name}"))
 
 
 def lost_results(campaign: Path, reference: dict) -> int:
@@ -160,8 +164,11 @@ class Workers:
         for k in range(self.n):
             log = open(self.folder / f"worker{k}.log", "ab")
             self.procs.append(subprocess.Popen(
+                # --allow-code: the campaigns name benchmarks/fault_engine.py, which a worker refuses
+                # otherwise since issue 10 (the embedded workers of `graceq run` allow it)
                 graceq_cmd() + ["worker", "--broker", self.broker, "--concurrency", "1", "--name",
-                                f"fault{k}-{len(self.procs)}@%h", "--loglevel", "WARNING"],
+                                f"fault{k}-{len(self.procs)}@%h", "--loglevel", "WARNING", "--allow-code",
+                                "--campaign-root", str(self.folder.parent)],
                 env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def kill(self) -> None:
@@ -317,6 +324,7 @@ class Bench:
             "scenario": name, "runs": len(runs),
             "lost": sum(lost_results(c, results) for _, c in runs),
             "duplicated": sum(duplicated_runs(c) for _, c in runs),
+            "reruns": sum(duplicated_runs(c, "runs.log") for _, c in runs),
             "same_picks": all(_safe_picks(c) == picks for _, c in runs),
             "recover_s": round(sum(r.wall_s for r, _ in runs) / len(runs) - reference_s, 1),
             "stalled": sum(r.stalled for r, _ in runs),
@@ -383,16 +391,54 @@ def _embedded_pool_kill(bench: Bench, name: str, ready, template: Path, referenc
     return bench.score(name, [(run, campaign)], reference_s)
 
 
+def task_lease_holder(campaign: Path, pattern: str) -> int | None:
+    """PID of the pool process that holds the lease of a featurize or fit task (``pattern`` globs
+    the lease files, ``.<output>.lease``): the process that is running that task now."""
+    for lease in sorted(campaign.glob(pattern)):
+        try:
+            return int(json.loads(lease.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _pool_kill_mid_task(bench: Bench, name: str, pattern: str, template: Path, reference_s: float) -> dict:
+    """SIGKILL of the pool process that runs a task whose lease matches ``pattern``.
+
+    (Until 2026-12-01 this killed the first pool process of the embedded worker, busy or idle: an
+    idle one is not "mid-fit", and billiard then jams the whole embedded worker, see
+    ``worker_sigkill_idle``.)"""
+    campaign = bench.copy(template, name.replace("_", "-"))
+
+    def fault(run):
+        if wait_for(lambda: task_lease_holder(campaign, pattern) is not None, bench.args.timeout, 0.01):
+            try:
+                os.kill(task_lease_holder(campaign, pattern), signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+
+    run = Run(campaign, None, bench.args.timeout).supervise(fault)
+    return bench.score(name, [(run, campaign)], reference_s)
+
+
 def worker_sigkill_featurize(bench: Bench) -> dict:
-    def ready(c):
-        return (c / "artifacts" / "projection.npz").exists() and not (c / "artifacts" / "features.npy").exists()
-    return _embedded_pool_kill(bench, "worker_sigkill_featurize", ready, bench.fresh, bench.ref_full.wall_s)
+    return _pool_kill_mid_task(bench, "worker_sigkill_featurize", "artifacts/features/.chunk_*.lease", bench.fresh,
+                               bench.ref_full.wall_s)
 
 
 def worker_sigkill_fit(bench: Bench) -> dict:
+    return _pool_kill_mid_task(bench, "worker_sigkill_fit", "iterations/*/.members_*.lease", bench.featurized,
+                               bench.ref_s)
+
+
+def worker_sigkill_idle(bench: Bench) -> dict:
+    """SIGKILL of the embedded worker's first pool process once the committee fit is sent, busy or
+    idle. An idle billiard pool process blocks in its job pipe's read while holding that pipe's
+    process-shared lock; killed there, it leaves the lock taken, and the process that replaces it
+    (which inherits the pipe) waits for the lock for ever."""
     def ready(c):
         return any(not list(p.parent.glob("members_*.npz")) for p in c.glob("iterations/*/lambda.json"))
-    return _embedded_pool_kill(bench, "worker_sigkill_fit", ready, bench.featurized, bench.ref_s)
+    return _embedded_pool_kill(bench, "worker_sigkill_idle", ready, bench.featurized, bench.ref_s)
 
 
 def worker_sigkill_reference(bench: Bench) -> dict:

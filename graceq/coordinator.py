@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -118,13 +119,22 @@ def worker_command(queues: str, concurrency: int, name: str, loglevel: str = "WA
     return cmd
 
 
+#: s that a message may wait in the embedded broker's queue while no task's lease beats before the
+#: embedded worker counts as jammed and is started again: a billiard pool process SIGKILLed while
+#: idle keeps its job pipe's lock, and the pool then takes no job for ever (benchmarks/README.md,
+#: "Fault injection"). Above the beat period of any lease (lease_timeout / 6).
+JAMMED_AFTER_S = 60.0
+
+
 class EmbeddedWorkers:
     """Celery worker processes on this machine, consuming the campaign's folder broker."""
 
-    def __init__(self, paths: CampaignPaths, processes: int):
+    def __init__(self, paths: CampaignPaths, processes: int, lease_timeout_s: float = 0.0):
         self.paths = paths
         self.processes = processes
         self.proc: subprocess.Popen | None = None
+        self.jammed_after_s = max(JAMMED_AFTER_S, lease_timeout_s)
+        self._started_at = self._looked_at = 0.0
 
     def __enter__(self) -> "EmbeddedWorkers":
         env = dict(os.environ, GRACEQ_EMBEDDED_DIR=str(self.paths.broker))
@@ -138,6 +148,7 @@ class EmbeddedWorkers:
             worker_command("featurize,fit,dft", self.processes, f"embedded-{os.getpid()}@%h", embedded=True),
             env=env, stdout=logfile, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
+        self._started_at = time.time()
         return self
 
     def check(self) -> None:
@@ -146,6 +157,37 @@ class EmbeddedWorkers:
                 f"the embedded worker exited with code {self.proc.returncode}; "
                 f"see {self.paths.broker / 'worker.log'}"
             )
+        if self.proc is not None and self._jammed():
+            log.warning("the embedded worker has taken no message for %.0f s while none of its tasks runs; "
+                        "starting it again (see %s)", self.jammed_after_s, self.paths.broker / "worker.log")
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session (_die_with_parent): pool included
+            self.proc.wait()
+            self.__enter__()  # the tasks it held are lost; the dispatcher sends them again
+
+    def _jammed(self) -> bool:
+        """A message has waited in the queue folder longer than jammed_after_s, and no task lease
+        of the campaign was beaten meanwhile (looked at every 5 s at most)."""
+        now = time.time()
+        if now - self._looked_at < 5.0 or now - self._started_at < self.jammed_after_s:
+            return False
+        self._looked_at = now
+        ages = []
+        for message in (self.paths.broker / "queue").glob("*.msg"):
+            try:
+                ages.append(now - message.stat().st_mtime)
+            except FileNotFoundError:  # taken meanwhile
+                pass
+        if not ages or max(ages) < self.jammed_after_s:
+            return False
+        root = self.paths.root
+        for pattern in ("jobs/*/lease.json", "artifacts/.*.lease", "artifacts/features/.*.lease", "iterations/*/.*.lease"):
+            for lease in root.glob(pattern):
+                try:
+                    if now - lease.stat().st_mtime < self.jammed_after_s:
+                        return False
+                except FileNotFoundError:
+                    pass
+        return True
 
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -331,7 +373,8 @@ class Coordinator:
             mode = app_module.configure(embedded_dir=self.paths.broker)
         self._say(f"graceq: campaign {self.paths.root} ({mode} broker: {app_module.redact(self.broker_url)})")
         if mode == "embedded":
-            self.workers = EmbeddedWorkers(self.paths, self.settings.runtime.workers).__enter__()
+            self.workers = EmbeddedWorkers(self.paths, self.settings.runtime.workers,
+                                           self.settings.runtime.lease_timeout).__enter__()
         self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names,
                                      check_workers=self.workers.check if self.workers else None, say=self._say)
         try:

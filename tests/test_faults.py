@@ -73,3 +73,56 @@ def test_fault_injection_short_variant(tmp_path):
     assert row["scenario"] == "copy_without_wal" and row["runs"] == 1
     assert (row["lost"], row["duplicated"], row["same_picks"], row["stalled"]) == (0, 0, True, 0), row
     assert isinstance(row["recover_s"], float)
+
+
+def test_a_jammed_embedded_worker_is_started_again(tmp_path, roy_small, monkeypatch):
+    """An idle pool process SIGKILLed keeps its job pipe's lock (billiard), and the embedded worker
+    then took no message for ever: the campaign stalled and the worker outlived its coordinator
+    (benchmarks/faults.py worker_sigkill_idle, 2 of 3 runs). Here the pool processes are
+    SIGSTOPped, a jam that does not depend on timing: messages wait and no lease beats. check()
+    kills the worker's process group and starts it again, and the new worker takes the messages."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from graceq import app as app_module
+    from graceq import coordinator, tasks
+    from graceq.store import CampaignPaths
+
+    toml = tmp_path / "settings.toml"
+    toml.write_text(settings_text(roy_small))
+    run_cli("init", str(tmp_path / "c"), "--settings", str(toml))
+    paths = CampaignPaths(tmp_path / "c")
+    app_module.configure(embedded_dir=paths.broker)
+    monkeypatch.setattr(coordinator, "JAMMED_AFTER_S", 3.0)
+    workers = coordinator.EmbeddedWorkers(paths, 2).__enter__()
+    try:
+        first = psutil.Process(workers.proc.pid)
+        deadline = time.time() + 60
+        while len(first.children()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        pool = first.children()
+        assert len(pool) == 2
+        time.sleep(1.0)
+        for child in pool:
+            os.kill(child.pid, signal.SIGSTOP)
+        for k in range(4):  # more than the worker prefetches: some wait in the queue folder
+            tasks.noop.apply_async(args=[k], queue="fit")
+        workers.check()
+        assert workers.proc.pid == first.pid  # not before a message has waited JAMMED_AFTER_S
+        deadline = time.time() + 60
+        while workers.proc.pid == first.pid and time.time() < deadline:
+            workers.check()
+            time.sleep(0.2)
+        assert workers.proc.pid != first.pid, "the jammed embedded worker was not started again"
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [first, *pool])
+        deadline = time.time() + 60
+        while list((paths.broker / "queue").glob("*.msg")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not list((paths.broker / "queue").glob("*.msg")), "the new worker takes no message"
+        workers.check()
+        assert workers.proc.poll() is None
+    finally:
+        workers.__exit__(None, None, None)
