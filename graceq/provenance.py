@@ -45,23 +45,40 @@ def settings_hash(root: str | Path) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def timestamps(root: str | Path) -> dict:
+    """The campaign's dates, s since the epoch (None when not yet): ``created`` (pool.json, written
+    once at init), ``first_sent`` (first reference job), ``first_result`` / ``last_result``
+    (received), ``last_iteration`` (finished). Read-only: the store is opened in SQLite's ro mode."""
+    paths = CampaignPaths(root)
+    with sqlite3.connect(f"file:{paths.state}?mode=ro", uri=True, timeout=30) as db:
+        first_sent = db.execute("SELECT MIN(sent_at) FROM jobs").fetchone()[0]
+        first_result, last_result = db.execute("SELECT MIN(received), MAX(received) FROM results").fetchone()
+        last_iteration = db.execute("SELECT MAX(finished) FROM iterations").fetchone()[0]
+    return {"created": paths.pool_meta.stat().st_mtime if paths.pool_meta.exists() else None,
+            "first_sent": first_sent, "first_result": first_result, "last_result": last_result,
+            "last_iteration": last_iteration}
+
+
+def versions(distributions=DEPENDENCIES) -> dict[str, str | None]:
+    """Installed version of each distribution (None when absent)."""
+    return {name: _version(name) for name in distributions}
+
+
 def provenance(root: str | Path) -> dict:
     """The provenance record of the campaign in `root` (read-only)."""
     import graceq
     from graceq.jobs import job_table
 
     paths = CampaignPaths(root)
-    with sqlite3.connect(f"file:{paths.state}?mode=ro", uri=True, timeout=30) as db:
-        first_sent = db.execute("SELECT MIN(sent_at) FROM jobs").fetchone()[0]
-        last_finished = db.execute("SELECT MAX(finished) FROM iterations").fetchone()[0]
-    created = paths.pool_meta.stat().st_mtime if paths.pool_meta.exists() else None  # written once, at init
+    t = timestamps(paths.root)
+    created, first_sent, last_finished = t["created"], t["first_sent"], t["last_iteration"]
     jobs = [j for j in job_table(paths.root) if j.state in ("converged", "unstable", "failed")]
     run_times = [j.run_time_s for j in jobs if j.run_time_s is not None]
     return {
         "graceq": graceq.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "dependencies": {name: _version(name) for name in DEPENDENCIES},
+        "dependencies": versions(),
         "settings_sha256": settings_hash(paths.root),
         "created": _iso(created),
         "first_reference_sent": _iso(first_sent),

@@ -858,11 +858,10 @@ def provenance_rows(root: str | Path) -> tuple[list[tuple[str, str]], str]:
     the last iteration finished (UTC), and the wall time from the first job to the last iteration.
     """
     import platform
-    import sqlite3
     import time
-    from importlib.metadata import PackageNotFoundError, version
 
     from graceq import __version__
+    from graceq.provenance import timestamps, versions
 
     paths = CampaignPaths(root)
     settings = load_settings(paths.settings)
@@ -871,21 +870,15 @@ def provenance_rows(root: str | Path) -> tuple[list[tuple[str, str]], str]:
         campaign_id = store.get_meta("campaign_id")
     finally:
         store.close()
-    # read-only look at the coordinator's timestamps (the store has no accessor for these)
-    with sqlite3.connect(f"file:{paths.state}?mode=ro", uri=True) as db:
-        first_sent = db.execute("SELECT MIN(sent_at) FROM jobs").fetchone()[0]
-        first_result, last_result = db.execute("SELECT MIN(received), MAX(received) FROM results").fetchone()
-        last_iteration = db.execute("SELECT MAX(finished) FROM iterations").fetchone()[0]
+    t = timestamps(paths.root)
+    first_sent, first_result, last_result, last_iteration = (
+        t["first_sent"], t["first_result"], t["last_result"], t["last_iteration"])
     source = "-"
     if paths.pool_meta.exists():
         source = str(json.loads(paths.pool_meta.read_text()).get("source", "-"))
-    start = min((t for t in (first_sent, first_result) if t is not None), default=None)
-    libraries = []
-    for package in ("numpy", "scikit-learn", "ase", "featomic", "celery", "pymatgen"):
-        try:
-            libraries.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            continue
+    start = min((x for x in (first_sent, first_result) if x is not None), default=None)
+    libraries = [f"{name} {v}" for name, v in versions(
+        ("numpy", "scikit-learn", "ase", "featomic", "celery", "pymatgen")).items() if v]
     c = settings.campaign
     rows = [
         ("campaign id", str(campaign_id)),
