@@ -159,12 +159,12 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, queues: str = "featurize,fit,dft", concurrency: int = 1, name: str | None = None,
-              env: dict | None = None) -> subprocess.Popen:
+              env: dict | None = None, args: tuple = ()) -> subprocess.Popen:
         name = name or f"w{len(self.procs)}@%h"
         log = open(self.log_dir / f"worker{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(
             GRACEQ + ["worker", "--queues", queues, "--concurrency", str(concurrency), "--name", name,
-                      "--broker", self.broker, "--loglevel", "INFO"],
+                      "--broker", self.broker, "--loglevel", "INFO", *args],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})), start_new_session=True,
         )
         self.procs.append(proc)

@@ -153,13 +153,19 @@ def _results(target: Path) -> dict[int, tuple[str, str]]:
                 db.execute("SELECT idx, status, message FROM results")}
 
 
-def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_small, workers, redis_url, tmp_path):
-    # risk 0.99: the stopping rule fires as soon as the risk is stated (20 prospective errors), with
-    # jobs of 3 s in flight; they are cancelled, not waited for, and recorded as cancelled
+def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_small, workers, redis_url, tmp_path,
+                                                                        monkeypatch):
+    # risk 0.99: the stopping rule fires as soon as the risk is stated (20 prospective errors).
+    # The jobs take 3, 6 or 9 s (tests/staggered_engine.py): jobs sent together end apart, as real
+    # reference jobs do, so that some are running at the stop (with one duration for all, the
+    # last jobs sent end in the same instant and none is left to cancel). They are cancelled, not
+    # waited for, and recorded as cancelled.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                    os.environ.get("PYTHONPATH")])))
     target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 60, "risk": 0.99, "cancel_on_stop": True},
-                   engine={"engine": "replay", "delay_s": 3.0})
+                   engine={"engine": "staggered_engine:StaggeredReplay", "delay_s": 3.0})
     workers.start(queues="featurize,fit", concurrency=1, name="fitter@%h")
-    workers.start(queues="dft", concurrency=SLOTS, name="dft@%h")
+    workers.start(queues="dft", concurrency=SLOTS, name="dft@%h", args=("--allow-code",))
     run = subprocess.run(_async(target, redis_url), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((target / "summary.json").read_text())
@@ -174,9 +180,9 @@ def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_sm
     assert json.loads(stats)["n_pending"] == len(running) > 0
     results = _results(target)
     cancelled = [idx for idx in running if results[idx][0] == "failed" and "cancelled" in results[idx][1]]
-    assert cancelled, f"no running job was cancelled: {[results[i] for i in running]}"
+    assert cancelled, f"no running job was cancelled: {[results[i] for i in running]}\n{run.stdout[-3000:]}"
     assert all(results[idx][0] == "converged" for idx in running if idx not in cancelled)  # ended first
-    time.sleep(4.0)  # a worker that ran a cancelled job on writes nothing over its cancelled result
+    time.sleep(10.0)  # a worker that ran a cancelled job on writes nothing over its cancelled result
     for idx in cancelled:
         assert json.loads((target / "results" / f"{idx:06d}.json").read_text())["status"] == "failed"
 
