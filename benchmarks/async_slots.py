@@ -13,7 +13,10 @@ modes. With N slots:
 - ``async`` (mode "async", ``slots`` N, ``refit_every`` N): keep N jobs in flight; after every
   arrival, ``graceq.steering.decide_on_arrival`` (the coordinator's function) fills the free slots
   with the pending jobs believed at their predicted means; fit r is trained on the first
-  n_init + r N arrivals and used from N arrivals later (the coordinator's schedule).
+  n_init + r N arrivals and used from N arrivals later (the coordinator's schedule). Before the
+  first fit no slot waits: the slots the initial batch leaves free run the farthest-point
+  sampling's continuation, and each arrival before that fit sends the next farthest point
+  (``graceq.steering.farthest_points_due``, as the coordinator).
 
 Both start from the same farthest-point initial batch (n_init 20) and run to full recall (every
 structure within the window of the true minimum measured); the stopping rule is not obeyed (it is
@@ -68,7 +71,7 @@ class Simulation:
         self.started: list[tuple[float, int]] = []  # (start time h, structure) of every job sent
         self.sent: list[int] = []
         self.n_arrived = 0
-        self.initial_done_h: float | None = None    # when the last job of the initial batch came back
+        self.initial_done_h: float | None = None    # when the n_initial-th result came back (the first fit)
 
     def send(self, idx: int) -> None:
         assert len(self.running) < self.slots
@@ -123,7 +126,7 @@ def _figures(sim: Simulation, window: set, arrived: list) -> dict:
     after = sim.initial_done_h
     return {"wall_h_to_full_recall": round(sim.clock, 2), "calls_to_full_recall": len(sim.sent),
             "utilisation": round(sim.utilisation(), 4), "results_at_full_recall": len(arrived),
-            # where the time goes: the initial batch is one synchronous round in both modes
+            # where the time goes: until the first fit (sync: the whole initial batch; async: n_init results)
             "initial_batch_h": None if after is None else round(after, 2),
             "utilisation_after_initial_batch": None if after is None or after >= sim.clock
             else round(sim.utilisation(after), 4)}
@@ -159,10 +162,16 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
     is back (the simulation of the real Celery run); else a free run to full recall of ``window``.
     """
     settings = _free_run(settings, slots) if window is not None else settings
-    initial = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
-    sim = Simulation(slots, hours, len(initial))
+    c = settings.campaign
+    n0, k = min(c.n_init, len(pool)), c.refit_every or slots
+
+    def farthest_points(n_arrived):  # no model yet: the free slots run farthest points (as the coordinator)
+        due = steering.farthest_points_due(c.n_init, slots, n_arrived, len(pool), c.budget)
+        return [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, due)]
+
+    initial = farthest_points(0)
+    sim = Simulation(slots, hours, n0)
     queue, picks, arrived = list(initial), list(initial), []
-    n0, k = len(initial), settings.campaign.refit_every or slots
     fits: dict[int, tuple] = {}
     stopped = False
 
@@ -186,7 +195,12 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         picks_at[n] = list(picks)
         if window is not None and window <= set(arrived):
             return _figures(sim, window, arrived)
-        if n < n0 or stopped:
+        if n < n0:
+            new = [i for i in farthest_points(n) if i not in set(picks)]
+            queue += new
+            picks += new
+            continue
+        if stopped:
             continue
         r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
         model, fitted_rows = fit(r)

@@ -11,6 +11,9 @@ watches leases, re-sends lost tasks and polls engines that run jobs out of band.
   with the iteration in one transaction) -> ``send_picks``;
 - stop: ``decide`` says so (the same check in every mode).
 
+In asynchronous mode no slot waits for the first committee: until n_init results are in (the
+first fit), the free slots run the farthest-point sampling's continuation (``farthest_points_due``).
+
 In synchronous rounds (``mode = "batch"``) a round sends its picks, collects every result, refits
 and decides. A coordinator killed at any point resumes from the store and makes the same next
 decision; a job whose worker died (its lease went stale) is sent again and resumes from its
@@ -447,7 +450,23 @@ class Coordinator:
         )
 
     def _n_initial(self) -> int:
-        return sum(1 for _, it in self.store.picks() if it == 0)
+        """n0: the arrivals the first fit is trained on (the initial batch; the farthest points sent
+        on free slots before that fit are stored with it, under iteration 0, and are not counted)."""
+        return min(sum(1 for _, it in self.store.picks() if it == 0), self.settings.campaign.n_init)
+
+    def farthest_points_due(self, features: np.ndarray, n_arrived: int) -> list[int]:
+        """Slots free before the first fit -> the farthest-point sampling's next picks
+        (``steering.farthest_points_due``), stored under iteration 0 after the initial batch; returns them."""
+        c = self.settings.campaign
+        made = [idx for idx, it in self.store.picks() if it == 0]
+        due = steering.farthest_points_due(c.n_init, self.slots, n_arrived, len(self.names), c.budget)
+        if len(made) >= due:
+            return []
+        sampled = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), due).tolist()
+        new = [i for i in sampled if i not in set(made)]
+        with self.store.transaction() as db:
+            self.store.add_picks(db, 0, new, first_rank=len(made))
+        return new
 
     def fit_schedule(self, n: int) -> int:
         """The fit that decision n uses: fit r is trained on the first n0 + r * refit_every arrivals
@@ -518,6 +537,8 @@ class Coordinator:
         features = self.ensure_features()
         self.pick_initial_batch(features)
         n0 = self._n_initial()
+        n = len(self.store.arrivals())
+        self.farthest_points_due(features, n)  # no model yet: the free slots run farthest points
         self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
         decided = {it["iteration"]: it for it in self.store.iterations()}
         stopped = any(it.get("stop") for it in decided.values())
@@ -539,7 +560,6 @@ class Coordinator:
         if stopped and self.dispatcher.in_flight:  # killed after its stop: cancel (or wait) as it would have
             last = max(m for m, it in decided.items() if it.get("stop"))
             self.stop_running(last, decided[last]["stop"])
-        n = len(self.store.arrivals())
         if n >= n0 and n >= self._fit_arrivals(self.fit_schedule(n) + 1):  # a refit that fell due before a kill
             self._launch_fit(self.fit_schedule(n) + 1, features)
         for m in range(n0, n + 1):  # a coordinator killed between a result and its decision
@@ -558,6 +578,8 @@ class Coordinator:
                     n += 1
                     if n >= n0:
                         stopped = react(n)
+                    else:  # before the first fit: the next farthest point
+                        self.send_picks(self.farthest_points_due(features, n))
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)

@@ -26,6 +26,22 @@ from graceq import campaign as cp
 from graceq.model import CommitteeRidge, fit_members
 
 
+def farthest_points_due(n_init: int, slots: int, n_arrived: int, n_pool: int, budget: int | None = None) -> int:
+    """How many farthest-point picks asynchronous mode has made once ``n_arrived`` results are in.
+
+    There is no committee before the first fit, and farthest point sampling is what the design
+    picks with no model: the initial batch (``n_init``) is sent with, when ``slots`` is larger,
+    the sampling's continuation on the free slots; each arrival before the first fit (which runs
+    after ``n_init`` arrivals) sends the next farthest point. So no slot waits for a model, and
+    the count is a function of the arrival count only (a restarted coordinator makes the same
+    picks: the sampling is greedy, its first k picks do not depend on how many follow). Capped by
+    the pool and the budget, never below the initial batch.
+    """
+    n0 = min(int(n_init), int(n_pool))
+    cap = min(int(n_pool), int(budget or n_pool))
+    return max(n0, min(cap, int(slots) + min(int(n_arrived), n0 - 1)))
+
+
 def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -> CommitteeRidge:
     """The committee with rows added to every member's training set (same lambda, subsets, calibration).
 

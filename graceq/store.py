@@ -305,7 +305,10 @@ class CampaignStore:
         return self._db.execute("SELECT COUNT(*) FROM structures").fetchone()[0]
 
     # -- picks ------------------------------------------------------------------------------
-    def add_picks(self, db: sqlite3.Connection, iteration: int, picks, ei=None, mu=None, sigma=None) -> None:
+    def add_picks(self, db: sqlite3.Connection, iteration: int, picks, ei=None, mu=None, sigma=None,
+                  first_rank: int = 0) -> None:
+        """Record picks of one iteration in pick order, ranked from ``first_rank`` (picks appended
+        to an iteration's go on from its last rank)."""
         n = len(picks)
         ei = [None] * n if ei is None else ei
         mu = [None] * n if mu is None else mu
@@ -314,7 +317,7 @@ class CampaignStore:
             "INSERT INTO picks(idx, iteration, rank, ei, mu, sigma) VALUES (?, ?, ?, ?, ?, ?)",
             [
                 (int(i), iteration, rank, _opt(e), _opt(m), _opt(s))
-                for rank, (i, e, m, s) in enumerate(zip(picks, ei, mu, sigma))
+                for rank, (i, e, m, s) in enumerate(zip(picks, ei, mu, sigma), start=first_rank)
             ],
         )
 

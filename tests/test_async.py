@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_cli, settings_text
@@ -34,8 +35,8 @@ coordinator.run()
 SLOTS, REFIT_EVERY = 4, 3
 
 
-def _async(target: Path, broker: str | None = None, max_iterations: int | None = None) -> list[str]:
-    return ([sys.executable, "-c", RUN_ASYNC, str(target), broker or "", str(SLOTS), str(REFIT_EVERY)]
+def _async(target: Path, broker: str | None = None, max_iterations: int | None = None, slots: int = SLOTS) -> list[str]:
+    return ([sys.executable, "-c", RUN_ASYNC, str(target), broker or "", str(slots), str(REFIT_EVERY)]
             + ([] if max_iterations is None else [str(max_iterations)]))
 
 
@@ -46,12 +47,12 @@ def _init(tmp_path: Path, pool: Path, **extra) -> Path:
     return target
 
 
-def _replayed(target: Path) -> tuple[dict, dict]:
+def _replayed(target: Path, slots: int = SLOTS) -> tuple[dict, dict]:
     """(stored picks per decision, the same decisions made again from the arrival log)."""
     from graceq.coordinator import Coordinator
 
     coordinator = Coordinator(target, progress=False)
-    campaign = coordinator.settings.campaign.model_copy(update={"mode": "async", "slots": SLOTS,
+    campaign = coordinator.settings.campaign.model_copy(update={"mode": "async", "slots": slots,
                                                                 "refit_every": REFIT_EVERY})
     coordinator.settings = coordinator.settings.model_copy(update={"campaign": campaign})
     stored: dict[int, list[int]] = {}
@@ -201,3 +202,45 @@ def test_max_iterations_in_async_mode_counts_refits_and_a_second_run_goes_on(roy
     assert _count(target, "SELECT COUNT(*) FROM picks") == 24
     stored, replayed = _replayed(target)
     assert replayed == stored
+
+
+def test_with_more_slots_than_the_initial_batch_no_slot_waits_for_the_first_fit(roy_small, workers, redis_url, tmp_path):
+    # 10 slots, n_init 8: the initial batch and the next 2 farthest points go out at once; each
+    # arrival before the first fit (after 8 results) sends the next farthest point
+    slots, n_init, budget = 10, 8, 24
+    target = _init(tmp_path, roy_small, campaign={"n_init": n_init, "budget": budget},
+                   engine={"engine": "replay", "delay_s": 2.0})
+    workers.start(queues="featurize,fit", concurrency=2, name="fitter@%h")
+    workers.start(queues="dft", concurrency=slots, name="dft@%h")
+    log = open(tmp_path / "coordinator.log", "wb")
+    run = subprocess.Popen(_async(target, redis_url, slots=slots), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _count(target, "SELECT COUNT(*) FROM jobs") >= 1, 600, "the first job")
+        time.sleep(0.5)  # the coordinator sends the whole first wave at once
+        assert _count(target, "SELECT COUNT(*) FROM results") == 0
+        assert _count(target, "SELECT COUNT(*) FROM jobs") == min(slots, 66)
+        assert run.wait(timeout=900) == 0, (tmp_path / "coordinator.log").read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    _check_nothing_lost_or_twice(target)
+    with sqlite3.connect(target / "state.sqlite") as db:
+        farthest = [idx for (idx,) in db.execute("SELECT idx FROM picks WHERE iteration = 0 ORDER BY rank")]
+        decisions = db.execute("SELECT iteration, stats FROM iterations ORDER BY iteration").fetchall()
+    # slots + one per arrival before the first fit, in farthest-point order
+    assert len(farthest) == slots + n_init - 1
+    from graceq import campaign as cp
+    from graceq.coordinator import Coordinator
+
+    c = Coordinator(target, progress=False)
+    order = cp.initial_batch(np.load(c.paths.features), cp.per_molecule(c.energy_ff, c.n_atoms, c.apm), len(farthest))
+    assert farthest == order.tolist()
+    # the first fit after n_init arrivals; from then on every decision fills the slots (until the budget)
+    assert decisions[0][0] == n_init
+    for _, stats in decisions:
+        stats = json.loads(stats)
+        if not stats["stop"] and stats["n_reference_calls"] + stats["n_next"] < budget:
+            assert stats["n_pending"] + stats["n_next"] == slots
+    assert _count(target, "SELECT COUNT(*) FROM picks") == budget
+    stored, replayed = _replayed(target, slots)
+    assert stored and replayed == stored

@@ -101,3 +101,23 @@ def test_the_budget_counts_pending_jobs_and_no_slot_means_no_pick():
     assert decision.stop == "budget" and len(decision.picks) == 0
     idle = steering.decide_on_arrival(sent, model, X, settings, 3, range(50), pending=[60, 61], free_slots=0)
     assert idle.stop is None and len(idle.picks) == 0
+
+
+def test_before_the_first_fit_farthest_points_keep_every_slot_busy():
+    due = steering.farthest_points_due
+    # slots > n_init: the initial batch and its continuation fill the slots; one more per arrival
+    assert [due(20, 32, m, 264) for m in (0, 1, 19, 20, 50)] == [32, 33, 51, 51, 51]
+    # slots < n_init: the initial batch, topped up once fewer than `slots` of it are running
+    assert [due(20, 8, m, 264) for m in (0, 12, 13, 19, 30)] == [20, 20, 21, 27, 27]
+    # in flight (picks - arrivals) is never below the slots before the first fit, pool and budget permitting
+    assert all(due(20, 32, m, 264) - m >= 32 for m in range(20))
+    assert due(20, 32, 5, 30) == 30 and due(20, 32, 5, 264, budget=25) == 25 and due(20, 32, 0, 264, budget=10) == 20
+
+
+def test_the_continuation_of_farthest_point_sampling_keeps_the_initial_batch_first():
+    X, _ = _data(seed=3)
+    energy = np.arange(len(X), dtype=float)
+    first = cp.initial_batch(X, energy, 12)
+    longer = cp.initial_batch(X, energy, steering.farthest_points_due(12, 20, 3, len(X)))
+    assert len(longer) == 23
+    np.testing.assert_array_equal(longer[:12], first)
