@@ -35,9 +35,14 @@ def farthest_points_due(n_init: int, slots: int, n_arrived: int, n_pool: int, bu
     after ``n_init`` arrivals) sends the next farthest point. So no slot waits for a model, and
     the count is a function of the arrival count only (a restarted coordinator makes the same
     picks: the sampling is greedy, its first k picks do not depend on how many follow). Capped by
-    the pool and the budget, never below the initial batch.
+    the pool and the budget, never below the initial batch. With no more slots than ``n_init`` the
+    initial batch alone is sent: the slots it leaves free near its end would go to farthest points
+    that cost calls the model's first picks would use better (measured: benzamide, 8 slots, n_init
+    20, 4 seeds: 154 calls to full recall with that top-up, 123 without, and a longer wall time).
     """
     n0 = min(int(n_init), int(n_pool))
+    if int(slots) <= n0:
+        return n0
     cap = min(int(n_pool), int(budget or n_pool))
     return max(n0, min(cap, int(slots) + min(int(n_arrived), n0 - 1)))
 

@@ -107,8 +107,9 @@ def test_before_the_first_fit_farthest_points_keep_every_slot_busy():
     due = steering.farthest_points_due
     # slots > n_init: the initial batch and its continuation fill the slots; one more per arrival
     assert [due(20, 32, m, 264) for m in (0, 1, 19, 20, 50)] == [32, 33, 51, 51, 51]
-    # slots < n_init: the initial batch, topped up once fewer than `slots` of it are running
-    assert [due(20, 8, m, 264) for m in (0, 12, 13, 19, 30)] == [20, 20, 21, 27, 27]
+    # slots <= n_init: the initial batch alone (the model's first picks use the calls better)
+    assert [due(20, 8, m, 264) for m in (0, 12, 13, 19, 30)] == [20, 20, 20, 20, 20]
+    assert due(20, 20, 5, 264) == 20
     # in flight (picks - arrivals) is never below the slots before the first fit, pool and budget permitting
     assert all(due(20, 32, m, 264) - m >= 32 for m in range(20))
     assert due(20, 32, 5, 30) == 30 and due(20, 32, 5, 264, budget=25) == 25 and due(20, 32, 0, 264, budget=10) == 20
