@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,8 +27,10 @@ from conftest import GRACEQ, celery_client, free_port, run_cli, wait_port, write
 
 
 def _campaign(folder: Path, pool: Path) -> Path:
-    """A real campaign (graceq init, replay engine) in folder/camp."""
+    """A real campaign (graceq init, replay engine) in folder/camp, its pool file beside it (a
+    worker with campaign roots reads no file outside them, the replay engine's source included)."""
     folder.mkdir(parents=True, exist_ok=True)
+    pool = Path(shutil.copy(pool, folder / pool.name))
     settings = folder / "settings.toml"
     settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n')
     run_cli("init", str(folder / "camp"), "--settings", str(settings))
@@ -254,6 +257,7 @@ def test_ps_never_shows_the_broker_password(pool, password_redis, tmp_path):
     broker_file.write_text(url + "\n")
     broker_file.chmod(0o600)
     settings = tmp_path / "settings.toml"
+    pool = Path(shutil.copy(pool, tmp_path / pool.name))  # inside the worker's campaign root
     settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n'
                         'budget = 10\n[model]\nn_members = 16\nmembers_per_task = 8\n[descriptor]\nchunk_size = 4\n'
                         'n_max = 4\nl_max = 2\nn_compressed = 2\n')
@@ -292,14 +296,16 @@ def test_ps_never_shows_the_broker_password(pool, password_redis, tmp_path):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         procs.append(again)
         # the URL is in the first argv until `graceq run` replaces itself (same pid) with one without
-        # it; from then on no process shows the password
+        # it; from then on no process shows the password (before its first exec the child still
+        # shows pytest's command line: the replacement is a graceq command line without the URL)
         own = Path(f"/proc/{again.pid}/cmdline")
         replaced, late = False, []
         while again.poll() is None:
             try:
-                replaced = replaced or password.encode() not in own.read_bytes()
+                cmdline = own.read_bytes()
             except OSError:
                 break
+            replaced = replaced or (b"graceq.cli" in cmdline and password.encode() not in cmdline)
             if replaced:
                 late.append(_ps())
             time.sleep(0.05)
@@ -416,6 +422,7 @@ def test_signing_workers_refuse_unsigned_and_mis_signed_messages(pool, workers, 
 
     # a campaign whose coordinator has the key: every featurize, fit and dft message verifies
     settings = tmp_path / "settings.toml"
+    pool = Path(shutil.copy(pool, tmp_path / pool.name))  # inside the worker's campaign root
     settings.write_text(f'[campaign]\npool = "{pool}"\nunit = "kJ/mol"\nwindow = 5.0\nn_init = 8\nn_batch = 2\n'
                         'budget = 10\n[model]\nn_members = 16\nmembers_per_task = 8\n[descriptor]\nchunk_size = 4\n'
                         'n_max = 4\nl_max = 2\nn_compressed = 2\n')
