@@ -91,8 +91,23 @@ def tls_options(url: str) -> dict | None:
     return options
 
 
+def _forget_connections() -> None:
+    """Drop the broker connections and producers the app has cached: once configured again (a
+    second campaign in one process), it must not go on sending to the previous broker or folder."""
+    from kombu import pools
+
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+    pools.reset()
+
+
 def configure(broker_url: str | None = None, embedded_dir: str | Path | None = None) -> str:
     """Configure the app for Redis (broker_url) or the embedded folder broker; returns the mode."""
+    _forget_connections()
     visibility_s = float(os.environ.get("GRACEQ_VISIBILITY_TIMEOUT", 12 * 3600))
     conf = dict(
         task_serializer="json",

@@ -55,3 +55,22 @@ def test_two_consumers_racing_a_producer_get_each_message_once(tmp_path):
         assert proc.exitcode == 0
     assert sorted(received) == list(range(n)), "a message was lost or delivered twice"
     assert list((tmp_path / "queue").iterdir()) == []
+
+
+def test_configured_again_the_app_sends_to_the_new_folder(tmp_path):
+    """A process that configures the app for a second campaign (the test suite does, a script may)
+    sends to the second campaign's broker folder, not to the first one's cached connection."""
+    from graceq import app as app_module
+    from graceq import tasks
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    try:
+        app_module.configure(embedded_dir=first)
+        tasks.noop.apply_async(args=[1], queue="fit")
+        assert len(list((first / "queue").glob("*.msg"))) == 1
+        app_module.configure(embedded_dir=second)
+        tasks.noop.apply_async(args=[2], queue="fit")
+        assert len(list((first / "queue").glob("*.msg"))) == 1
+        assert len(list((second / "queue").glob("*.msg"))) == 1
+    finally:
+        app_module.configure_from_environment()
