@@ -86,7 +86,8 @@ class CampaignView:
         forecasts made before it was measured (``graceq.convergence.FORECASTERS``), as
         name -> (loc, scale): the committee (mean, raw spread), its mean with one scale for all,
         and the force field shifted by the median E_ref - E_ff of the structures measured before
-        it in sampling order (the cheap level's own ranking)."""
+        it in sampling order (the cheap level's own ranking). The most recent half of them, or all
+        while fewer than ``2 MIN_PROSPECTIVE`` (the committee learns: old forecasts are not its own)."""
         stable = self.stable_rows()
         e_all = self.reference_mol(stable) if len(stable) else np.zeros(0)
         delta = e_all - self.energy_ff_mol[stable] if len(stable) else np.zeros(0)
