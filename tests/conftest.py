@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -206,3 +207,48 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bo
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# -- a single-node SLURM cluster (tests marked slurm) -----------------------------------------
+SLURM_SETUP = Path(__file__).resolve().parent / "slurm_setup.sh"
+
+
+def _stop_daemon(name: str, pidfile: str, timeout: float = 20) -> None:
+    """TERM the daemon whose pid its pidfile records, wait for it to exit (KILL after `timeout` s)."""
+    try:
+        pid = int(Path(pidfile).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node SLURM cluster, started by tests/slurm_setup.sh and stopped afterwards.
+
+    Only the daemons that the script started (it names them on stdout) are stopped: a cluster that
+    ran before the tests keeps running.
+    """
+    proc = subprocess.run(["bash", str(SLURM_SETUP)], capture_output=True, text=True, timeout=300)
+    started = [line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("started ")]
+    try:
+        if proc.returncode == 2:
+            pytest.skip(f"cannot start SLURM here: {proc.stderr.strip()[-500:]}")
+        assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
+        yield socket.gethostname()
+    finally:
+        # slurmd before slurmctld before munged: each one's peers are still up while it shuts down
+        order = {"slurmd": 0, "slurmctld": 1, "munged": 2}
+        for name, pidfile in sorted(started, key=lambda s: order.get(s[0], 9)):
+            _stop_daemon(name, pidfile)

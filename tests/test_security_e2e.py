@@ -329,16 +329,6 @@ def test_ps_never_shows_the_broker_password(pool, password_redis, tmp_path):
 PILOT = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "graceq-workers.sbatch"
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """A running single-node SLURM (tests/slurm_setup.sh installs and starts it; skip where it cannot)."""
-    setup = Path(__file__).resolve().parent / "slurm_setup.sh"
-    proc = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=1200)
-    if proc.returncode == 2:
-        pytest.skip(f"cannot install SLURM here: {proc.stderr.strip()[-500:]}")
-    assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
-
-
 def _stored_environment(job_id: str) -> str | None:
     """What slurmctld keeps of a batch job's environment (its state files; root only)."""
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout

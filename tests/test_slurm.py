@@ -31,54 +31,12 @@ pytestmark = pytest.mark.slurm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SETUP = HERE / "slurm_setup.sh"
 PILOT = REPO / "deploy" / "slurm" / "graceq-workers.sbatch"
 
 
 def _graceq() -> list[str]:
     exe = Path(sys.executable).with_name("graceq")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "graceq.cli"]
-
-
-def _stop_daemon(name: str, pidfile: str, timeout: float = 20) -> None:
-    """TERM the daemon whose pid its pidfile records, wait for it to exit (KILL after `timeout` s)."""
-    try:
-        pid = int(Path(pidfile).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A running single-node SLURM cluster, started by tests/slurm_setup.sh and stopped afterwards.
-
-    Only the daemons that the script started (it names them on stdout) are stopped: a cluster that
-    ran before the tests keeps running.
-    """
-    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300)
-    started = [line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("started ")]
-    try:
-        if proc.returncode == 2:
-            pytest.skip(f"cannot start SLURM here: {proc.stderr.strip()[-500:]}")
-        assert proc.returncode == 0, f"tests/slurm_setup.sh failed:\n{proc.stdout}\n{proc.stderr}"
-        yield socket.gethostname()
-    finally:
-        # slurmd before slurmctld before munged: each one's peers are still up while it shuts down
-        order = {"slurmd": 0, "slurmctld": 1, "munged": 2}
-        for name, pidfile in sorted(started, key=lambda s: order.get(s[0], 9)):
-            _stop_daemon(name, pidfile)
 
 
 @pytest.fixture
