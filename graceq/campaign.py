@@ -311,8 +311,7 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
         key = mu[unlabelled]
     else:
         energy, forecasts = view.forecasts()
-        forecaster = best_forecaster(energy, forecasts)[0] if forecasts else None
-        forecaster = forecaster or "committee"
+        forecaster = (best_forecaster(energy, forecasts)[0] if forecasts else None) or "committee"
         key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
                "force_field": lambda: view.energy_ff_mol[unlabelled]}[forecaster]()
     picks = unlabelled[np.argsort(key, kind="stable")[:n]]

@@ -154,13 +154,18 @@ class ErrorLaw:
         return _t_loglik(np.asarray(z, dtype=np.float64), self.df, np.log(self.scale))
 
 
-def _t_loglik(z: np.ndarray, df: float, log_scale: float) -> float:
-    """Log-likelihood of ``z`` under a t law (location 0, scale exp(log_scale), ``df`` degrees of
+def _t_logpdf(z: np.ndarray, df: float, log_scale: float) -> np.ndarray:
+    """Log density of each ``z`` under a t law (location 0, scale exp(log_scale), ``df`` degrees of
     freedom): the density written out with scipy.special (scipy.stats.t.logpdf is the reference
     in the tests; this form is ~50x faster on the few hundred errors profiled per iteration)."""
     x = z * np.exp(-log_scale)
     const = special.gammaln((df + 1.0) / 2.0) - special.gammaln(df / 2.0) - 0.5 * np.log(df * np.pi)
-    return float(len(z) * (const - log_scale) - (df + 1.0) / 2.0 * np.sum(np.log1p(x * x / df)))
+    return const - log_scale - (df + 1.0) / 2.0 * np.log1p(x * x / df)
+
+
+def _t_loglik(z: np.ndarray, df: float, log_scale: float) -> float:
+    """Log-likelihood of ``z`` under that t law (the sum of :func:`_t_logpdf`)."""
+    return float(np.sum(_t_logpdf(z, df, log_scale)))
 
 
 def prospective_errors(energy_ref, mu, spread) -> np.ndarray:
@@ -253,9 +258,7 @@ def forecast_logdensity(energy_ref, loc, scale) -> np.ndarray:
     if not np.any(z != 0):
         raise ValueError("every forecast was exactly the measured energy")
     law = max((_profile_scale(z, df) for df in DF_GRID), key=lambda law: law.loglik(z))
-    x = z / law.scale
-    const = special.gammaln((law.df + 1.0) / 2.0) - special.gammaln(law.df / 2.0) - 0.5 * np.log(law.df * np.pi)
-    return const - np.log(law.scale * scale) - (law.df + 1.0) / 2.0 * np.log1p(x * x / law.df)
+    return _t_logpdf(z, law.df, np.log(law.scale)) - np.log(scale)   # density of E = loc + scale * z
 
 
 def best_forecaster(energy_ref, forecasts: dict, confidence: float = SWITCH_CONFIDENCE) -> tuple[str | None, dict]:

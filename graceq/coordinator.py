@@ -37,7 +37,7 @@ from tqdm import tqdm
 from graceq import campaign as cp
 from graceq import steering
 from graceq.config import ConfigError, Settings, load_settings, write_settings
-from graceq.dispatcher import Dispatcher, TaskError, TaskSpec
+from graceq.dispatcher import Dispatcher, TaskError, TaskSpec, lease_files
 from graceq.store import (CampaignPaths, CampaignStore, artifact_ok, atomic_save_npy, atomic_save_npz,
                           foreign_artifacts, load_artifact)
 from graceq.lock import CoordinatorLock
@@ -182,14 +182,12 @@ class EmbeddedWorkers:
                 pass
         if not ages or max(ages) < self.jammed_after_s:
             return False
-        root = self.paths.root
-        for pattern in ("jobs/*/lease.json", "artifacts/.*.lease", "artifacts/features/.*.lease", "iterations/*/.*.lease"):
-            for lease in root.glob(pattern):
-                try:
-                    if now - lease.stat().st_mtime < self.jammed_after_s:
-                        return False
-                except FileNotFoundError:
-                    pass
+        for lease in lease_files(self.paths.root):
+            try:
+                if now - lease.stat().st_mtime < self.jammed_after_s:
+                    return False
+            except FileNotFoundError:
+                pass
         return True
 
     def __exit__(self, *exc) -> None:
@@ -463,7 +461,8 @@ class Coordinator:
         if len(made) >= due:
             return []
         sampled = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), due).tolist()
-        new = [i for i in sampled if i not in set(made)]
+        made_set = set(made)
+        new = [i for i in sampled if i not in made_set]
         with self.store.transaction() as db:
             self.store.add_picks(db, 0, new, first_rank=len(made))
         return new

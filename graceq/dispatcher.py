@@ -174,6 +174,14 @@ def lease_file(output: Path) -> Path:
     return output.with_name(f".{output.name}.lease")
 
 
+def lease_files(root: Path):
+    """Every lease file of the campaign in ``root``: reference jobs' (``jobs/<idx>/lease.json``) and
+    those of the featurize and fit tasks (:func:`lease_file` of their outputs)."""
+    root = Path(root)
+    for pattern in ("jobs/*/lease.json", "artifacts/.*.lease", "artifacts/features/.*.lease", "iterations/*/.*.lease"):
+        yield from root.glob(pattern)
+
+
 def count_delivery(job_dir: Path) -> int:
     """One more delivery of a job that this worker now holds the lease of; returns the count."""
     counter = job_dir / "deliveries"

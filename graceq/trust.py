@@ -78,6 +78,11 @@ def _embedded() -> bool:
     return bool(os.environ.get("GRACEQ_EMBEDDED_DIR")) and not os.environ.get("GRACEQ_BROKER_URL")
 
 
+def _broker_worker() -> bool:
+    """This process is a worker of a shared broker (not an embedded one, not the author's own tools)."""
+    return _role["worker"] and not _embedded()
+
+
 def settings_code_allowed() -> bool:
     """Whether a settings file may name code (module:Class engines and calculators, programs).
 
@@ -91,7 +96,7 @@ def settings_code_allowed() -> bool:
         return True
     if value in _FALSE:
         return False
-    return not _role["worker"] or _embedded()
+    return not _broker_worker()
 
 
 def code_refusal(what: str, how: str = "") -> CodeNotAllowed:
@@ -332,7 +337,7 @@ def check_files_read(root: Path, settings, roots: list[Path] | None = None) -> N
     own processes read the author's own files."""
     from graceq.engines import engine_class
 
-    roots = (campaign_roots() if _role["worker"] and not _embedded() else []) if roots is None else roots
+    roots = (campaign_roots() if _broker_worker() else []) if roots is None else roots
     if not roots:
         return
     engine = settings.engine.model_dump()
