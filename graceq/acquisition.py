@@ -38,12 +38,13 @@ Two implementations of the Kriging-Believer batch select the same structures:
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy.special import erfcx, ndtr
 from sklearn.linear_model import Ridge
 from threadpoolctl import threadpool_limits
+
+from graceq.model import _in_slices
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 # Pool rows per block in set-up products (bounds temporaries to _BLOCK x n_train floats).
@@ -248,16 +249,6 @@ def _primal_loop(b, F, shift, members, row=None):
         row = None
 
 
-_THREADS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-
-
-def _in_slices(func, n_items):
-    """Run func(lo, hi) over slices of an axis (members, or pool rows) in parallel threads: numpy
-    releases the GIL, and each item's arithmetic is unchanged, so the results are bit-identical
-    to one call. For memory-bound products that one core cannot saturate."""
-    n = _THREADS._max_workers
-    bounds = np.linspace(0, n_items, n + 1).astype(int)
-    list(_THREADS.map(lambda k: func(bounds[k], bounds[k + 1]), range(n)))
 
 
 def _kb_fast(model, b):

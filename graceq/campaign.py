@@ -286,6 +286,11 @@ def stop_holds(stats: dict, settings, n_pool: int) -> bool:
     return record.stop is not None
 
 
+# The acquisitions whose later picks in a batch come from a committee that believes the earlier
+# ones: members are refitted on candidate rows, so their weights leave the span of the measured rows.
+BELIEVES_WITHIN_BATCH = frozenset({"ei"})
+
+
 def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap, ei, best, window, n):
     """The next n picks, their EI, and the forecaster that ranked them.
 

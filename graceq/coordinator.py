@@ -223,6 +223,7 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self._fits: dict = {}  # fit number -> Future of the calibrated committee (async mode)
         self._executor = None
+        self._span: steering.Span | None = None  # the picks' span, grown decision by decision (async mode)
         self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
 
     # -- settings of the asynchronous mode --
@@ -501,8 +502,10 @@ class Coordinator:
         view = self.prefix_view(n)
         model, fitted_rows = self._model_for(n, features)
         pending = [i for i in view.picks if i not in view.results]
+        if self._span is None or self._span.features is not features:
+            self._span = steering.Span(features)
         decision = steering.decide_on_arrival(view, model, features, self.settings, n, fitted_rows, pending,
-                                              self.slots - len(pending))
+                                              self.slots - len(pending), span=self._span)
         if persist:
             with self.store.transaction() as db:
                 self.store.add_iteration(db, n, decision.stats.to_json())

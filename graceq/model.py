@@ -14,6 +14,9 @@ lambdas; all members from one Gram matrix).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import KFold
@@ -31,6 +34,19 @@ _THREADPOOLS = ThreadpoolController()
 def _one_thread():
     """Single-threaded BLAS within a block (batched small solves: more threads only spin)."""
     return _THREADPOOLS.limit(limits=1)
+
+
+_THREADS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+
+
+def _in_slices(func, n_items):
+    """Run func(lo, hi) over slices of an axis (members, or pool rows) in parallel threads: numpy
+    releases the GIL, and each item's arithmetic is unchanged, so the results are bit-identical
+    to one call. For memory-bound products that one core cannot saturate,
+    and for the members' batched solves (one BLAS thread each)."""
+    n = _THREADS._max_workers
+    bounds = np.linspace(0, n_items, n + 1).astype(int)
+    list(_THREADS.map(lambda k: func(bounds[k], bounds[k + 1]), range(n)))
 
 
 # Members solved together per batched LAPACK call: bounds the (chunk, n_sub, n_sub) work array.
@@ -133,8 +149,9 @@ def fit_members(X, y, alpha: float, subsets):
     coef = np.empty((m, p))
     intercept = np.empty(m)
     eye = np.eye(p)
-    for lo in range(0, m, _MEMBER_CHUNK):
-        idx = subsets[lo:lo + _MEMBER_CHUNK]
+
+    def chunk(lo, hi):
+        idx = subsets[lo:hi]
         Xm = Xs[idx]                                        # (c, n_sub, p)
         x_mean = Xm.mean(axis=1)                            # (c, p)
         ym = y[idx]
@@ -142,12 +159,26 @@ def fit_members(X, y, alpha: float, subsets):
         yc = ym - y_mean[:, None]
         Xc = Xm - x_mean[:, None, :]
         A = np.matmul(Xc.transpose(0, 2, 1), Xc) + alpha * eye   # matmul: BLAS, where einsum is not
-        with _one_thread():
-            w = np.linalg.solve(A, np.matmul(Xc.transpose(0, 2, 1), yc[:, :, None]))[:, :, 0]
-        coef[lo:lo + len(idx)] = w
+        w = np.linalg.solve(A, np.matmul(Xc.transpose(0, 2, 1), yc[:, :, None]))[:, :, 0]
+        coef[lo:hi] = w
         # intercept in the caller's (unshifted) coordinates
-        intercept[lo:lo + len(idx)] = y_mean - np.einsum("cp,cp->c", x_mean + shift, w)
+        intercept[lo:hi] = y_mean - np.einsum("cp,cp->c", x_mean + shift, w)
+
+    _chunked(chunk, m)
     return coef, intercept
+
+
+def _chunked(chunk, m):
+    """chunk(lo, hi) over the members in blocks of ``_MEMBER_CHUNK``, the blocks shared among
+    threads, one BLAS thread each (batched small solves: more BLAS threads only spin). Each member's
+    arithmetic is that of a sequential loop, so the result does not depend on the thread count."""
+    def run(first, last):
+        for lo in range(first, last, _MEMBER_CHUNK):
+            chunk(lo, min(lo + _MEMBER_CHUNK, last))
+
+    blocks = -(-m // _MEMBER_CHUNK)
+    with _one_thread():
+        _in_slices(lambda a, b: run(a * _MEMBER_CHUNK, min(b * _MEMBER_CHUNK, m)), blocks)
 
 
 def _fit_members_dual(Xs, y, alpha, subsets, shift):
@@ -168,15 +199,17 @@ def _fit_members_dual(Xs, y, alpha, subsets, shift):
     members = np.arange(m)[:, None]
     row_weights[members, subsets] = 1.0 / n_sub
     y_mean = y[subsets].mean(axis=1)
-    for lo in range(0, m, _MEMBER_CHUNK):
-        idx = subsets[lo:lo + _MEMBER_CHUNK]
-        yc = y[idx] - y_mean[lo:lo + len(idx), None]
+
+    def chunk(lo, hi):
+        idx = subsets[lo:hi]
+        yc = y[idx] - y_mean[lo:hi, None]
         K = gram[idx[:, :, None], idx[:, None, :]]          # (c, n_sub, n_sub)
         K = K - K.mean(axis=1, keepdims=True)
         K = K - K.mean(axis=2, keepdims=True)               # centred Gram of the member's rows
-        with _one_thread():                                 # batched small solves: BLAS threads only spin
-            dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
-        scattered[members[lo:lo + len(idx)], idx] = dual_coef
+        dual_coef = np.linalg.solve(K + alpha * eye, yc[:, :, None])[:, :, 0]
+        scattered[members[lo:hi], idx] = dual_coef
+
+    _chunked(chunk, m)
     x_mean = row_weights @ Xs                               # (m, p) mean shifted row of each member
     coef = scattered @ Xs - scattered.sum(axis=1)[:, None] * x_mean
     # intercept in the caller's (unshifted) coordinates

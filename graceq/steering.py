@@ -47,6 +47,96 @@ def farthest_points_due(n_init: int, slots: int, n_arrived: int, n_pool: int, bu
     return max(n0, min(cap, int(slots) + min(int(n_arrived), n0 - 1)))
 
 
+class Span:
+    """The pool in exact coordinates of the span of the rows the committee has used (the picks).
+
+    Every ridge member's weights lie in the span of its (centred) training rows, and every row a
+    decision adds (a result since the fit, a pending job) is a pick. With ``Q`` (p x r) an
+    orthonormal basis of the span of ``x_i - c`` over the picks (``c``: the pool's mean features),
+    a member predicts ``x . w + b = z . (Q^T w) + (b + c . w)`` with ``z = (x - c) Q``: the
+    same number, from r coordinates instead of p. Refitting a member on rows inside the span gives
+    the same member in either coordinates (ridge depends on the rows' dot products only, and the
+    intercept absorbs the shift ``c``). So the pool's coordinates ``Z = (F - c) Q`` (n_pool x r)
+    stand in for the features in a decision: the predictions, the believed rows, the stop check and
+    the picks are those of the features up to round-off, at r / p of the cost.
+
+    The basis grows with the picks, in pick order (block Gram-Schmidt against the basis, twice,
+    then an SVD of what is left, which drops the directions below 1e-10 of the rows' norm): each
+    new pick adds one column to ``Z`` (one pool x features matrix-vector product), not a pass of
+    the whole committee over the features. Worth it while r is small against p:
+    ``useful`` is False once r passes half the features (then decide in the features).
+    """
+
+    TOLERANCE = 1e-10
+
+    def __init__(self, features: np.ndarray):
+        self.features = np.asarray(features, dtype=np.float64)
+        n, p = self.features.shape
+        self.shift = self.features.mean(axis=0)
+        self.rows: list[int] = []              # pool rows in the span, in the order they came in
+        self._Q = np.empty((p, 0))
+        self._Z = np.empty((n, 0))
+        self.r = 0
+
+    @property
+    def Q(self) -> np.ndarray:
+        return self._Q[:, :self.r]
+
+    @property
+    def Z(self) -> np.ndarray:
+        return self._Z[:, :self.r]
+
+    @property
+    def useful(self) -> bool:
+        return 2 * self.r <= self.features.shape[1]
+
+    def cover(self, rows) -> "Span":
+        """Bring the pool rows ``rows`` (in their order) into the span; returns self."""
+        known = set(self.rows)
+        new = [int(i) for i in rows if int(i) not in known and not known.add(int(i))]
+        if not new or not self.useful:  # past half the features the span is not used: keep no more
+            return self
+        p = self.features.shape[1]
+        block = (self.features[new] - self.shift).T                 # (p, k)
+        scale = max(float(np.linalg.norm(block, axis=0).max()), np.finfo(float).tiny)
+        Q = self.Q
+        for _ in range(2):                                          # twice is enough (Giraud et al. 2005)
+            block = block - Q @ (Q.T @ block)
+        U, S, _ = np.linalg.svd(block, full_matrices=False)         # rank-revealing: drops dependent rows
+        keep = S > self.TOLERANCE * scale
+        D = U[:, keep][:, :p - self.r]
+        self.rows += new
+        if D.shape[1] == 0:
+            return self
+        need = self.r + D.shape[1]
+        if need > self._Q.shape[1]:                                 # grow the storage by a quarter
+            cap = min(p, max(need + 64, self._Q.shape[1] * 5 // 4))
+            self._Q = np.hstack([self._Q[:, :self.r], np.empty((p, cap - self.r))])
+            self._Z = np.hstack([self._Z[:, :self.r], np.empty((len(self.features), cap - self.r))])
+        self._Q[:, self.r:need] = D
+        self._Z[:, self.r:need] = self.features @ D - self.shift @ D
+        self.r = need
+        return self
+
+    def committee(self, model: CommitteeRidge, train_rows=None) -> CommitteeRidge:
+        """The committee in the span's coordinates; its training rows must be in the span
+        (``train_rows``: their pool indices, which saves projecting them)."""
+        Q = self.Q
+        X = self.Z[np.asarray(train_rows, dtype=int)] if train_rows is not None else (model.X_train_ - self.shift) @ Q
+        coef = model.coef_ @ Q
+        intercept = model.intercept_ + model.coef_ @ self.shift
+        params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
+        moved = CommitteeRidge.from_members(X, model.y_train_, model.alpha_, model.subsets_, coef, intercept,
+                                            cv_rmse=model.cv_rmse_, **params)
+        _copy_calibration(model, moved)
+        return moved
+
+
+def _copy_calibration(source: CommitteeRidge, target: CommitteeRidge) -> None:
+    for attribute in ("calibration_", "calibration_alpha2_", "calibration_warning_", "test_rmse_"):
+        setattr(target, attribute, getattr(source, attribute))
+
+
 def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -> CommitteeRidge:
     """The committee with rows added to every member's training set (same lambda, subsets, calibration).
 
@@ -66,8 +156,7 @@ def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -
     params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
     updated = CommitteeRidge.from_members(X, y, model.alpha_, subsets, coef, intercept,
                                           cv_rmse=model.cv_rmse_, **params)
-    for attribute in ("calibration_", "calibration_alpha2_", "calibration_warning_", "test_rmse_"):
-        setattr(updated, attribute, getattr(model, attribute))
+    _copy_calibration(model, updated)
     return updated
 
 
@@ -89,7 +178,7 @@ def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: n
 
 
 def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, settings,
-                      decision: int, fitted_rows, pending, free_slots: int) -> cp.Decision:
+                      decision: int, fitted_rows, pending, free_slots: int, span: Span | None = None) -> cp.Decision:
     """The stop check and up to ``free_slots`` new picks, with the pending jobs believed.
 
     ``view.picks`` holds every pick so far, the pending ones included (they are never candidates
@@ -98,8 +187,21 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
     uncertainty (believing them would claim their energies as found). The picks come from the
     committee that believes them. When that believing committee would already stop (the campaign
     converges if the running jobs come back as predicted), nothing new is sent until they report.
+
+    ``span``: a :class:`Span` of ``features`` kept from one decision to the next; the decision is
+    then made in its coordinates while they are fewer than half the features (the same decision,
+    up to round-off, at a fraction of the cost). Not when the acquisition believes candidates
+    within the batch and more than one slot is free (the believed candidates are not in the span).
+    ``fitted_rows`` must start with the committee's training rows (then its test rows), all picks.
     """
     pending = [int(i) for i in pending if int(i) not in view.results]
+    in_span = free_slots <= 1 or settings.campaign.acquisition not in cp.BELIEVES_WITHIN_BATCH
+    if span is not None and in_span:
+        fitted_rows = [int(i) for i in fitted_rows]
+        span.cover(list(view.picks) + fitted_rows)
+        if span.useful:
+            model = span.committee(model, fitted_rows[:len(model.y_train_)])
+            features = span.Z
     measured_model = believed_committee(view, model, features, fitted_rows, [])
     n_batch = max(int(free_slots), 1)
     c = settings.campaign.model_copy(update={"n_batch": n_batch})

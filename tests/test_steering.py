@@ -122,3 +122,67 @@ def test_the_continuation_of_farthest_point_sampling_keeps_the_initial_batch_fir
     longer = cp.initial_batch(X, energy, steering.farthest_points_due(12, 20, 3, len(X)))
     assert len(longer) == 23
     np.testing.assert_array_equal(longer[:12], first)
+
+
+def test_the_span_of_the_picks_holds_every_pick_exactly_and_adds_nothing_for_a_repeat():
+    X, _ = _data(seed=3, n=80, p=200)
+    span = steering.Span(X).cover([5, 9, 2])
+    assert span.r == 3 and span.rows == [5, 9, 2]
+    span.cover([9, 11, 12]).cover([30])
+    assert span.rows == [5, 9, 2, 11, 12, 30] and span.r == 6
+    np.testing.assert_allclose(span.Q.T @ span.Q, np.eye(6), atol=1e-12)
+    rows = np.array(span.rows)
+    np.testing.assert_allclose(span.Z[rows] @ span.Q.T + span.shift, X[rows], atol=1e-12)
+    np.testing.assert_allclose(span.Z, (X - X.mean(axis=0)) @ span.Q, atol=1e-12)
+    twin = np.vstack([X, X[[5]] + X[[9]] - X.mean(axis=0)])   # a row inside the span already
+    assert steering.Span(twin).cover([5, 9, 80]).r == 2
+
+
+def _span_settings(acquisition):
+    settings = _view_and_settings()[3]
+    return settings.model_copy(update={"campaign": settings.campaign.model_copy(update={"acquisition": acquisition})})
+
+
+def test_a_decision_in_the_span_of_the_picks_is_the_decision_in_the_features():
+    """Fewer coordinates, same arithmetic: the pending jobs believed, the results since the fit
+    added, the stop check and the picks agree with the decision made on the full features."""
+    X, y = _data(seed=4, n=300, p=400)
+    n_atoms, labelled = np.full(len(X), 4), 60
+    results = {i: ("converged", float(y[i] * 4)) for i in range(labelled)}
+    pending = [100, 150, 201]
+    view = cp.CampaignView(n_atoms=n_atoms, energy_ff=np.zeros(len(X)), atoms_per_molecule=4,
+                           picks=list(range(labelled)) + pending, results=results)
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))   # rows 50..59 arrived since the fit
+    # EI's Kriging-Believer believes its first pick for the second: in the span with one free slot only
+    for acquisition, slots in (("ei", 1), ("p_window", 3), ("greedy", 2)):
+        settings = _span_settings(acquisition)
+        full = steering.decide_on_arrival(view, model, X, settings, 5, range(50), pending, free_slots=slots)
+        span = steering.Span(X)
+        reduced = steering.decide_on_arrival(view, model, X, settings, 5, range(50), pending, free_slots=slots,
+                                             span=span)
+        assert span.r == labelled + len(pending) and span.useful and len(full.picks) == slots
+        np.testing.assert_array_equal(reduced.picks, full.picks)
+        np.testing.assert_allclose(reduced.mu, full.mu, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(reduced.sigma, full.sigma, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(reduced.pick_ei, full.pick_ei, rtol=1e-6, atol=1e-12)
+        a, b = reduced.stats.to_json(), full.stats.to_json()
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert np.isclose(a[key], b[key], rtol=1e-7, atol=1e-12), key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_a_batch_believed_within_the_decision_is_made_in_the_features():
+    X, y = _data(seed=4, n=300, p=400)
+    results = {i: ("converged", float(y[i] * 4)) for i in range(60)}
+    view = cp.CampaignView(n_atoms=np.full(len(X), 4), energy_ff=np.zeros(len(X)), atoms_per_molecule=4,
+                           picks=list(range(60)), results=results)
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    settings = _span_settings("ei")
+    full = steering.decide_on_arrival(view, model, X, settings, 5, range(50), [], free_slots=3)
+    span = steering.Span(X)
+    again = steering.decide_on_arrival(view, model, X, settings, 5, range(50), [], free_slots=3, span=span)
+    assert span.r == 0
+    np.testing.assert_array_equal(again.pick_ei, full.pick_ei)
