@@ -19,10 +19,15 @@ modes. With N slots:
   (``graceq.steering.farthest_points_due``, as the coordinator).
 
 Both start from the same farthest-point initial batch (n_init 20) and run to full recall (every
-structure within the window of the true minimum measured); the stopping rule is not obeyed (it is
-the same function in both modes). Figures per run: ``wall_h_to_full_recall`` (simulated hours
-until the last window structure's result arrived), ``calls_to_full_recall`` (jobs sent by then,
-running ones included), ``utilisation`` (busy slot-hours / slot-hours until then). Fitting and
+structure within the window of the true minimum measured) and on until the campaign's stopping
+rule first holds (the default rule, evaluated as the campaign would: after every round, after
+every arrival; the runs do not obey it before full recall, so that both figures exist). Figures
+per run: ``wall_h_to_full_recall`` (simulated hours until the last window structure's result
+arrived), ``calls_to_full_recall`` (jobs sent by then, running ones included), ``utilisation``
+(busy slot-hours / slot-hours until then); ``wall_h_at_stop``, ``calls_at_stop`` and
+``utilisation_at_stop`` (the issue's definition: busy slot-hours / slot-hours until the stop,
+the jobs running then counted up to the stop, as ``cancel_on_stop`` cancels them), ``stop``
+("rule", or "pool exhausted" when the rule never held). Fitting and
 deciding cost no simulated time; their real cost is measured separately as
 ``decision_s_per_arrival_100k``: one arrival decision on a 100,000-structure pool with 1,000
 labelled and N - 1 jobs pending (synthetic features of the bundled pool's width).
@@ -132,24 +137,39 @@ def _figures(sim: Simulation, window: set, arrived: list) -> dict:
             else round(sim.utilisation(after), 4)}
 
 
+def _at_stop(sim: Simulation, reason: str) -> dict:
+    """Where the campaign's own stopping rule first held (or the pool ran out): its clock, the
+    jobs sent, and the utilisation until then (the jobs still running count up to that moment:
+    ``cancel_on_stop`` cancels them)."""
+    return {"wall_h_at_stop": round(sim.clock, 2), "calls_at_stop": len(sim.sent),
+            "utilisation_at_stop": round(sim.utilisation(), 4), "stop": reason}
+
+
 def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
-    """Synchronous rounds of width `slots`: each round waits for its slowest job."""
+    """Synchronous rounds of width `slots`: each round waits for its slowest job. Runs to full
+    recall and on to the campaign's stop (the rule of ``settings``, evaluated after every round)."""
+    rule = settings.campaign
     settings = _free_run(settings, slots)
     queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
     sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
+    full = stop = None
     while True:
         while queue or sim.running:  # one round: the batch on the slots, in waves if it is wider
             while queue and len(sim.running) < slots:
                 sim.send(queue.pop(0))
             arrived.append(sim.next_arrival())
-            if window <= set(arrived):
-                return _figures(sim, window, arrived)
+            if full is None and window <= set(arrived):
+                full = _figures(sim, window, arrived)
         view = _view(pool, picks, arrived)
         model = fit_committee(view, features, settings, iteration)
         decision = cp.decide(view, model, features, settings, iteration)
         iteration += 1
         queue = [int(i) for i in decision.picks]
+        if stop is None and (cp.stop_reached(decision.stats, rule) or not queue):
+            stop = _at_stop(sim, "rule" if queue else "pool exhausted")
+        if full is not None and stop is not None:
+            return full | stop
         if not queue:
             raise RuntimeError("sync run stopped before full recall")
         picks += queue
@@ -161,6 +181,7 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
     ``window`` None: the campaign's own settings (stop rule, budget) and figures when its last job
     is back (the simulation of the real Celery run); else a free run to full recall of ``window``.
     """
+    rule = settings.campaign
     settings = _free_run(settings, slots) if window is not None else settings
     c = settings.campaign
     n0, k = min(c.n_init, len(pool)), c.refit_every or slots
@@ -184,18 +205,23 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         return fits[r]
 
     picks_at: dict[int, list] = {}
+    full = stop = None
     while True:
         while queue and len(sim.running) < slots:
             sim.send(queue.pop(0))
         if not sim.running:
             if window is None:
                 return _figures(sim, set(), arrived)
+            if full is not None:  # the pool ran out before the rule held
+                return full | _at_stop(sim, "pool exhausted")
             raise RuntimeError("async run stopped before full recall")
         arrived.append(sim.next_arrival())
         n = len(arrived)
         picks_at[n] = list(picks)
-        if window is not None and window <= set(arrived):
-            return _figures(sim, window, arrived)
+        if window is not None and full is None and window <= set(arrived):
+            full = _figures(sim, window, arrived)
+        if full is not None and stop is not None:
+            return full | stop
         if n < n0:
             new = [i for i in farthest_points(n) if i not in set(picks)]
             queue += new
@@ -212,6 +238,10 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
                                               slots - len(pending), span=span)
         timings.append(time.perf_counter() - t)
         stopped = decision.stop is not None
+        if window is not None and stop is None and cp.stop_reached(decision.stats, rule):
+            stop = _at_stop(sim, "rule")
+            if full is not None:
+                return full | stop
         queue += [int(i) for i in decision.picks]
         picks += [int(i) for i in decision.picks]
 
