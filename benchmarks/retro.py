@@ -341,7 +341,10 @@ def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: floa
     measured at least :func:`floor_calls` structures. A mean stop far above full recall on a
     landscape whose floor is also far above it is the landscape's (and the model's) doing, not the
     rule's. The floor holds for rules whose error law is the same for every structure; a rule
-    whose per-structure spreads really tell good predictions from bad ones could go below it.
+    whose per-structure spreads really tell good predictions from bad ones could go below it:
+    ``calls_spread_law`` is the floor of such a rule (errors standardised by the spread of a
+    64-member committee fitted on the other folds), and the ``..._without_largest_error`` figures
+    say how much of either floor a single structure holds.
     Energies per molecule; unstable structures are left out (a campaign must rule them out too, so
     leaving them out only lowers the floor).
     """
@@ -355,12 +358,31 @@ def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: floa
     y = (e_ref - e_ff) / apm
     y_cv = cross_val_predict(RidgeCV(alphas=alphas), features[idx], y, cv=KFold(folds, shuffle=True, random_state=0))
     mu = e_ff + apm * y_cv
-    errors = np.sort(e_ref - mu)
     threshold = e_ref.min() + window
-    p_window = np.searchsorted(errors, threshold - mu, side="right") / len(errors)
-    return {"calls": floor_calls(p_window, risk), "of": int(len(idx)), "risk": risk,
+
+    def floor(errors, gap):
+        """Floor with the empirical law of ``errors`` applied to each structure's ``gap`` (same scale)."""
+        law = np.sort(errors)
+        return floor_calls(np.searchsorted(law, gap, side="right") / len(law), risk)
+
+    # the same with each error standardised by the spread of a committee fitted on the other folds
+    # (the law the campaign's rule uses), and both without the single largest negative error:
+    # how much of the floor one structure holds
+    spread = np.empty(len(idx))
+    for train, test in KFold(folds, shuffle=True, random_state=0).split(idx):
+        committee = CommitteeRidge(n_members=64, random_state=0).fit(features[idx][train], y[train])
+        spread[test] = apm * committee.predict(features[idx][test], return_std=True)[1]
+    errors = e_ref - mu
+    worst = int(np.argmin(errors / spread))
+    rest = np.arange(len(idx)) != worst
+    return {"calls": floor(errors, threshold - mu), "of": int(len(idx)), "risk": risk,
             "cv_rmse_per_molecule": round(float(np.sqrt(np.mean(errors ** 2))), 2),
-            "error_percentiles_0_1_50_99_100": [round(float(v), 1) for v in np.percentile(errors, [0, 1, 50, 99, 100])]}
+            "error_percentiles_0_1_50_99_100": [round(float(v), 1) for v in np.percentile(errors, [0, 1, 50, 99, 100])],
+            "calls_without_largest_error": floor(errors[np.arange(len(idx)) != int(np.argmin(errors))], threshold - mu),
+            "calls_spread_law": floor(errors / spread, (threshold - mu) / spread),
+            "calls_spread_law_without_largest_error": floor((errors / spread)[rest], (threshold - mu) / spread),
+            "largest_standardised_error": {"structure": pool.names[idx[worst]], "error": round(float(errors[worst]), 1),
+                                           "spread": round(float(spread[worst]), 2)}}
 
 
 #: bins of the stated risk for the calibration table (expected number of window structures missed)
