@@ -114,9 +114,22 @@ def pool_coordinates(features: np.ndarray) -> np.ndarray:
     return u * s
 
 
-def _view(pool, picks, arrived):
+def _view(pool, picks, arrived, predictions):
+    """What the campaign knows: its picks, the results in, and each pick's prediction (mean, raw
+    spread) made when it was picked, as the coordinator's picks table keeps them (the stop rule's
+    prospective errors and p_window's forecasters come from them)."""
+    arrived = set(arrived)
     return cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=pool.atoms_per_molecule,
-                           picks=list(picks), results={i: pool.result(i) for i in arrived})
+                           picks=list(picks), results={i: pool.result(i) for i in arrived},
+                           predictions={i: predictions[i] for i in picks if i in predictions})
+
+
+def _remember(predictions: dict, decision) -> None:
+    """Each pick's prediction as the coordinator stores it: mean, and the raw spread (sigma over
+    the calibration of the record that decided it)."""
+    spread = decision.sigma / decision.stats.calibration
+    for i in decision.picks:
+        predictions[int(i)] = (float(decision.mu[i]), float(spread[i]))
 
 
 def _free_run(settings, n_batch):
@@ -153,6 +166,7 @@ def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
     queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
     sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
+    predictions: dict[int, tuple[float, float]] = {}
     full = stop = None
     while True:
         while queue or sim.running:  # one round: the batch on the slots, in waves if it is wider
@@ -161,9 +175,10 @@ def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
             arrived.append(sim.next_arrival())
             if full is None and window <= set(arrived):
                 full = _figures(sim, window, arrived)
-        view = _view(pool, picks, arrived)
+        view = _view(pool, picks, arrived, predictions)
         model = fit_committee(view, features, settings, iteration)
         decision = cp.decide(view, model, features, settings, iteration)
+        _remember(predictions, decision)
         iteration += 1
         queue = [int(i) for i in decision.picks]
         if stop is None and (cp.stop_reached(decision.stats, rule) or not queue):
@@ -195,11 +210,12 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
     sim = Simulation(slots, hours, n0)
     queue, picks, arrived = list(initial), list(initial), []
     fits: dict[int, tuple] = {}
+    predictions: dict[int, tuple[float, float]] = {}
     stopped = False
 
     def fit(r):
         if r not in fits:
-            view = _view(pool, picks_at[n0 + r * k], arrived[:n0 + r * k])
+            view = _view(pool, picks_at[n0 + r * k], arrived[:n0 + r * k], predictions)
             plan = cp.plan_committee(view, settings.model, settings.campaign.seed, r)
             fits[r] = (fit_committee(view, features, settings, r), np.concatenate([plan.train_rows, plan.test_rows]))
         return fits[r]
@@ -231,12 +247,13 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
             continue
         r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
         model, fitted_rows = fit(r)
-        view = _view(pool, picks, arrived)
+        view = _view(pool, picks, arrived, predictions)
         pending = [i for i in picks if i not in set(arrived)]
         t = time.perf_counter()
         decision = steering.decide_on_arrival(view, model, features, settings, n, fitted_rows, pending,
                                               slots - len(pending), span=span)
         timings.append(time.perf_counter() - t)
+        _remember(predictions, decision)
         stopped = decision.stop is not None
         if window is not None and stop is None and cp.stop_reached(decision.stats, rule):
             stop = _at_stop(sim, "rule")
