@@ -123,6 +123,9 @@ class Span:
         (``train_rows``: their pool indices, which saves projecting them)."""
         Q = self.Q
         X = self.Z[np.asarray(train_rows, dtype=int)] if train_rows is not None else (model.X_train_ - self.shift) @ Q
+        back = X[:3] @ Q.T + self.shift          # a cheap look that these are the rows it was fitted on
+        if not np.allclose(back, model.X_train_[:3], rtol=1e-8, atol=1e-8 * float(np.abs(back).max(initial=1.0))):
+            raise ValueError("the committee's training rows are not the given pool rows, or not in the span")
         coef = model.coef_ @ Q
         intercept = model.intercept_ + model.coef_ @ self.shift
         params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}

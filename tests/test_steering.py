@@ -2,6 +2,7 @@
 member and the literal Kriging-Believer batch."""
 
 import numpy as np
+import pytest
 from sklearn.linear_model import Ridge
 
 from graceq import campaign as cp
@@ -186,3 +187,12 @@ def test_a_batch_believed_within_the_decision_is_made_in_the_features():
     again = steering.decide_on_arrival(view, model, X, settings, 5, range(50), [], free_slots=3, span=span)
     assert span.r == 0
     np.testing.assert_array_equal(again.pick_ei, full.pick_ei)
+
+
+def test_the_span_refuses_a_committee_fitted_on_other_rows():
+    X, y = _data(seed=4, n=300, p=400)
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    span = steering.Span(X).cover(range(60))
+    span.committee(model, range(40))
+    with pytest.raises(ValueError, match="training rows"):
+        span.committee(model, range(1, 41))
