@@ -267,8 +267,8 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     """Seconds of one arrival decision: 100,000 structures, 1,000 labelled (48 of them since the
     committee's fit, which had 952: 80 % train, 20 % test), slots - 1 pending.
 
-    ``span``: as the coordinator decides, in the coordinates of the picks' span kept from the
-    previous decision (which had all but the newest pending job: one new column);
+    ``span``: as the coordinator decides, in the coordinates of the span of the members' rows kept
+    from the previous decision (which had all but the newest pending job: one new column);
     ``span_build_s``: building that span from nothing (a coordinator's start or resume, once);
     ``features``: the same decision on the 3,750 features (no span).
     """
@@ -293,7 +293,7 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     model = CommitteeRidge(n_members=members, random_state=1).fit(X[train], y[train]).calibrate(X[test], y[test])
     timed = {}
     t = time.perf_counter()
-    span = steering.Span(X).cover(view.picks[:-1])
+    span = steering.Span(X).cover(list(train) + list(range(fitted, n_lab)) + pending[:-1])  # the previous decision's
     timed["span_build_s"] = time.perf_counter() - t
     t = time.perf_counter()
     in_span = steering.decide_on_arrival(view, model, X, settings, n_lab, np.arange(fitted), pending, 1, span=span)

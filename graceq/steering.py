@@ -48,11 +48,12 @@ def farthest_points_due(n_init: int, slots: int, n_arrived: int, n_pool: int, bu
 
 
 class Span:
-    """The pool in exact coordinates of the span of the rows the committee has used (the picks).
+    """The pool in exact coordinates of the span of the rows the committee's members are fitted on.
 
-    Every ridge member's weights lie in the span of its (centred) training rows, and every row a
-    decision adds (a result since the fit, a pending job) is a pick. With ``Q`` (p x r) an
-    orthonormal basis of the span of ``x_i - c`` over the picks (``c``: the pool's mean features),
+    Every ridge member's weights lie in the span of its (centred) training rows: the fit's train
+    rows, and the rows a decision adds (the results since the fit, the pending jobs). With ``Q``
+    (p x r) an orthonormal basis of the span of ``x_i - c`` over those rows (``c``: the pool's mean
+    features),
     a member predicts ``x . w + b = z . (Q^T w) + (b + c . w)`` with ``z = (x - c) Q``: the
     same number, from r coordinates instead of p. Refitting a member on rows inside the span gives
     the same member in either coordinates (ridge depends on the rows' dot products only, and the
@@ -60,10 +61,10 @@ class Span:
     stand in for the features in a decision: the predictions, the believed rows, the stop check and
     the picks are those of the features up to round-off, at r / p of the cost.
 
-    The basis grows with the picks, in pick order (block Gram-Schmidt against the basis, twice,
-    then an SVD of what is left, which drops the directions below 1e-10 of the rows' norm): each
-    new pick adds one column to ``Z`` (one pool x features matrix-vector product), not a pass of
-    the whole committee over the features. Worth it while r is small against p:
+    The basis grows with the rows, in the order the decisions use them (block Gram-Schmidt against
+    the basis, twice, then an SVD of what is left, which drops the directions below 1e-10 of the
+    rows' norm): each new pick adds one column to ``Z`` (one pool x features matrix-vector
+    product), not a pass of the whole committee over the features; a refit adds its test rows. Worth it while r is small against p:
     ``useful`` is False once r passes half the features (then decide in the features).
     """
 
@@ -195,13 +196,16 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
     then made in its coordinates while they are fewer than half the features (the same decision,
     up to round-off, at a fraction of the cost). Not when the acquisition believes candidates
     within the batch and more than one slot is free (the believed candidates are not in the span).
-    ``fitted_rows`` must start with the committee's training rows (then its test rows), all picks.
+    ``fitted_rows`` must start with the committee's training rows (then its test rows).
     """
     pending = [int(i) for i in pending if int(i) not in view.results]
     in_span = free_slots <= 1 or settings.campaign.acquisition not in cp.BELIEVES_WITHIN_BATCH
     if span is not None and in_span:
         fitted_rows = [int(i) for i in fitted_rows]
-        span.cover(list(view.picks) + fitted_rows)
+        seen = set(fitted_rows)
+        n_train = len(model.y_train_)
+        # the rows the members are fitted on here: the fit's train rows, the results since, the pending jobs
+        span.cover(fitted_rows[:n_train] + [int(i) for i in view.stable_rows() if int(i) not in seen] + pending)
         if span.useful:
             model = span.committee(model, fitted_rows[:len(model.y_train_)])
             features = span.Z

@@ -161,7 +161,7 @@ def test_a_decision_in_the_span_of_the_picks_is_the_decision_in_the_features():
         span = steering.Span(X)
         reduced = steering.decide_on_arrival(view, model, X, settings, 5, range(50), pending, free_slots=slots,
                                              span=span)
-        assert span.r == labelled + len(pending) and span.useful and len(full.picks) == slots
+        assert span.r == 40 + 10 + len(pending) and span.useful and len(full.picks) == slots  # train, new, pending
         np.testing.assert_array_equal(reduced.picks, full.picks)
         np.testing.assert_allclose(reduced.mu, full.mu, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(reduced.sigma, full.sigma, rtol=1e-7, atol=1e-9)
