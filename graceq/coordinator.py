@@ -540,7 +540,8 @@ class Coordinator:
         self.pick_initial_batch(features)
         n0 = self._n_initial()
         n = len(self.store.arrivals())
-        self.farthest_points_due(features, n)  # no model yet: the free slots run farthest points
+        if n < n0:  # no model yet: the free slots run farthest points (after the first fit, never again,
+            self.farthest_points_due(features, n)  # even if a resumed run has more slots)
         self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
         decided = {it["iteration"]: it for it in self.store.iterations()}
         stopped = any(it.get("stop") for it in decided.values())

@@ -204,6 +204,20 @@ def test_max_iterations_in_async_mode_counts_refits_and_a_second_run_goes_on(roy
     assert replayed == stored
 
 
+def test_a_resumed_run_with_more_slots_sends_no_farthest_points_after_the_first_fit(roy_small, tmp_path):
+    target = _init(tmp_path, roy_small, campaign={"n_init": 8, "budget": 30},
+                   engine={"engine": "replay", "delay_s": 0.2})
+    subprocess.run(_async(target, max_iterations=1), check=True, timeout=900)
+    initial = _count(target, "SELECT COUNT(*) FROM picks WHERE iteration = 0")
+    assert initial == 8 and _count(target, "SELECT COUNT(*) FROM iterations") == REFIT_EVERY
+    # 12 slots > n_init: a campaign started so would have sent farthest points on the free slots;
+    # this one has its first fit, so the free slots get the model's picks
+    subprocess.run(_async(target, max_iterations=1, slots=12), check=True, timeout=900)
+    assert _count(target, "SELECT COUNT(*) FROM picks WHERE iteration = 0") == initial
+    assert _count(target, "SELECT COUNT(*) FROM iterations") == 2 * REFIT_EVERY
+    _check_nothing_lost_or_twice(target)
+
+
 def test_with_more_slots_than_the_initial_batch_no_slot_waits_for_the_first_fit(roy_small, workers, redis_url, tmp_path):
     # 10 slots, n_init 8: the initial batch and the next 2 farthest points go out at once; each
     # arrival before the first fit (after 8 results) sends the next farthest point
