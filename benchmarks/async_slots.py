@@ -18,16 +18,17 @@ modes. With N slots:
   sampling's continuation, and each arrival before that fit sends the next farthest point
   (``graceq.steering.farthest_points_due``, as the coordinator).
 
-Both start from the same farthest-point initial batch (n_init 20) and run to full recall (every
-structure within the window of the true minimum measured) and on until the campaign's stopping
-rule first holds (the default rule, evaluated as the campaign would: after every round, after
-every arrival; the runs do not obey it before full recall, so that both figures exist). Figures
-per run: ``wall_h_to_full_recall`` (simulated hours until the last window structure's result
-arrived), ``calls_to_full_recall`` (jobs sent by then, running ones included), ``utilisation``
-(busy slot-hours / slot-hours until then); ``wall_h_at_stop``, ``calls_at_stop`` and
-``utilisation_at_stop`` (the issue's definition: busy slot-hours / slot-hours until the stop,
-the jobs running then counted up to the stop, as ``cancel_on_stop`` cancels them), ``stop``
-("rule", or "pool exhausted" when the rule never held). Fitting and
+Both start from the same farthest-point initial batch (n_init 20) and run as the campaign runs
+(its default stopping rule, evaluated as the coordinator does: after every round, after every
+arrival; in async mode no new job is sent while the committee that believes the running jobs would
+stop) until it stops, and on to full recall (every structure within the window of the true
+minimum measured) with a rule that never fires if the stop came first. Figures per run:
+``wall_h_to_full_recall`` (simulated hours until the last window structure's result arrived),
+``calls_to_full_recall`` (jobs sent by then, running ones included), ``utilisation`` (busy
+slot-hours / slot-hours until then); ``wall_h_at_stop``, ``calls_at_stop`` and
+``utilisation_at_stop`` (the issue's definition: busy slot-hours / slot-hours until the stop, the
+jobs running then counted up to the stop, as ``cancel_on_stop`` cancels them), ``stop`` (the
+decision's: "converged" when the rule held, "budget" or "pool exhausted"). Fitting and
 deciding cost no simulated time; their real cost is measured separately as
 ``decision_s_per_arrival_100k``: one arrival decision on a 100,000-structure pool with 1,000
 labelled and N - 1 jobs pending (synthetic features of the bundled pool's width).
@@ -151,19 +152,21 @@ def _figures(sim: Simulation, window: set, arrived: list) -> dict:
 
 
 def _at_stop(sim: Simulation, reason: str) -> dict:
-    """Where the campaign's own stopping rule first held (or the pool ran out): its clock, the
-    jobs sent, and the utilisation until then (the jobs still running count up to that moment:
-    ``cancel_on_stop`` cancels them)."""
+    """Where the campaign stopped (``reason``: the decision's stop, "converged" when its rule held):
+    its clock, the jobs sent, and the utilisation until then (the jobs still running count up to
+    that moment: ``cancel_on_stop`` cancels them)."""
     return {"wall_h_at_stop": round(sim.clock, 2), "calls_at_stop": len(sim.sent),
             "utilisation_at_stop": round(sim.utilisation(), 4), "stop": reason}
 
 
 def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
-    """Synchronous rounds of width `slots`: each round waits for its slowest job. Runs to full
-    recall and on to the campaign's stop (the rule of ``settings``, evaluated after every round)."""
-    rule = settings.campaign
-    settings = _free_run(settings, slots)
-    queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, settings.campaign.n_init)]
+    """Synchronous rounds of width `slots`: each round waits for its slowest job. The campaign as
+    it runs (its stopping rule) until the rule holds, then on to full recall with a rule that never
+    fires, if the stop came first."""
+    live = settings.model_copy(deep=True)
+    live.campaign.n_batch = slots
+    free = _free_run(settings, slots)
+    queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, live.campaign.n_init)]
     sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
     predictions: dict[int, tuple[float, float]] = {}
@@ -176,15 +179,17 @@ def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
             if full is None and window <= set(arrived):
                 full = _figures(sim, window, arrived)
         view = _view(pool, picks, arrived, predictions)
-        model = fit_committee(view, features, settings, iteration)
-        decision = cp.decide(view, model, features, settings, iteration)
+        model = fit_committee(view, features, free, iteration)
+        decision = cp.decide(view, model, features, live if stop is None else free, iteration)
+        if stop is None and decision.stop is not None:
+            stop = _at_stop(sim, decision.stop)
+            if full is None:  # an early stop: on to full recall
+                decision = cp.decide(view, model, features, free, iteration)
+        if full is not None and stop is not None:
+            return full | stop
         _remember(predictions, decision)
         iteration += 1
         queue = [int(i) for i in decision.picks]
-        if stop is None and (cp.stop_reached(decision.stats, rule) or not queue):
-            stop = _at_stop(sim, "rule" if queue else "pool exhausted")
-        if full is not None and stop is not None:
-            return full | stop
         if not queue:
             raise RuntimeError("sync run stopped before full recall")
         picks += queue
@@ -194,10 +199,11 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
     """Asynchronous steering with `slots` jobs in flight and the coordinator's refit schedule.
 
     ``window`` None: the campaign's own settings (stop rule, budget) and figures when its last job
-    is back (the simulation of the real Celery run); else a free run to full recall of ``window``.
+    is back (the simulation of the real Celery run); else the campaign as it runs (its rule; no new
+    job is sent while the committee that believes the running ones would stop) until the rule holds,
+    then on to full recall of ``window`` with a rule that never fires, if the stop came first.
     """
-    rule = settings.campaign
-    settings = _free_run(settings, slots) if window is not None else settings
+    free = _free_run(settings, slots)
     c = settings.campaign
     n0, k = min(c.n_init, len(pool)), c.refit_every or slots
 
@@ -228,8 +234,6 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         if not sim.running:
             if window is None:
                 return _figures(sim, set(), arrived)
-            if full is not None:  # the pool ran out before the rule held
-                return full | _at_stop(sim, "pool exhausted")
             raise RuntimeError("async run stopped before full recall")
         arrived.append(sim.next_arrival())
         n = len(arrived)
@@ -250,15 +254,18 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         view = _view(pool, picks, arrived, predictions)
         pending = [i for i in picks if i not in set(arrived)]
         t = time.perf_counter()
-        decision = steering.decide_on_arrival(view, model, features, settings, n, fitted_rows, pending,
+        now = settings if stop is None else free
+        decision = steering.decide_on_arrival(view, model, features, now, n, fitted_rows, pending,
                                               slots - len(pending), span=span)
         timings.append(time.perf_counter() - t)
-        _remember(predictions, decision)
-        stopped = decision.stop is not None
-        if window is not None and stop is None and cp.stop_reached(decision.stats, rule):
-            stop = _at_stop(sim, "rule")
+        if window is not None and stop is None and decision.stop is not None:
+            stop = _at_stop(sim, decision.stop)
             if full is not None:
                 return full | stop
+            decision = steering.decide_on_arrival(view, model, features, free, n, fitted_rows, pending,
+                                                  slots - len(pending), span=span)  # an early stop: on to full recall
+        _remember(predictions, decision)
+        stopped = decision.stop is not None
         queue += [int(i) for i in decision.picks]
         picks += [int(i) for i in decision.picks]
 
