@@ -36,17 +36,26 @@ def _one_thread():
     return _THREADPOOLS.limit(limits=1)
 
 
-_THREADS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+_THREADS: dict[int, ThreadPoolExecutor] = {}  # one pool per process: a forked child has none of its parent's threads
+
+
+def _threads() -> ThreadPoolExecutor:
+    pool = _THREADS.get(os.getpid())
+    if pool is None:
+        _THREADS.clear()
+        pool = _THREADS[os.getpid()] = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    return pool
 
 
 def _in_slices(func, n_items):
     """Run func(lo, hi) over slices of an axis (members, or pool rows) in parallel threads: numpy
     releases the GIL, and each item's arithmetic is unchanged, so the results are bit-identical
-    to one call. For memory-bound products that one core cannot saturate,
-    and for the members' batched solves (one BLAS thread each)."""
-    n = _THREADS._max_workers
+    to one call. For memory-bound products that one core cannot saturate, and for the members'
+    batched solves (one BLAS thread each)."""
+    pool = _threads()
+    n = pool._max_workers
     bounds = np.linspace(0, n_items, n + 1).astype(int)
-    list(_THREADS.map(lambda k: func(bounds[k], bounds[k + 1]), range(n)))
+    list(pool.map(lambda k: func(bounds[k], bounds[k + 1]), range(n)))
 
 
 # Members solved together per batched LAPACK call: bounds the (chunk, n_sub, n_sub) work array.

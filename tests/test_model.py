@@ -151,3 +151,18 @@ def test_scikit_learn_estimator_checks():
     failed = [r for r in check_estimator(CommitteeRidge(n_members=4), on_fail=None)
               if r["status"] == "failed"]
     assert failed == []
+
+
+def test_members_fitted_in_a_forked_child_after_the_parent_used_its_threads():
+    """The thread pool is per process: a child forked after the parent fitted (a Celery prefork
+    pool, a multiprocessing benchmark) starts its own instead of waiting on threads it has not got."""
+    import multiprocessing
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 80)), rng.normal(size=60)
+    subsets = np.stack([np.sort(rng.choice(60, 30, replace=False)) for _ in range(70)])
+    expected = fit_members(X, y, 0.1, subsets)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        coef, intercept = pool.apply_async(fit_members, (X, y, 0.1, subsets)).get(timeout=60)
+    np.testing.assert_array_equal(coef, expected[0])
+    np.testing.assert_array_equal(intercept, expected[1])
