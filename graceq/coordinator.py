@@ -383,6 +383,7 @@ class Coordinator:
                 return self._async_loop(write_summary)
             return self._loop(write_summary)
         finally:
+            self.dispatcher.close()
             if self.workers is not None:
                 self.workers.__exit__(None, None, None)
                 self.workers = None
