@@ -2,7 +2,8 @@
 
     python benchmarks/async_slots.py [--json] [--slots 8 32 128] [--pools roy264 benzamide]
                                      [--members 256] [--seed 0] [--skip-100k]
-                                     [--skip-celery] [--celery-members 64]
+                                     [--skip-celery | --celery-only] [--celery-medians 0.5 1 2]
+                                     [--celery-members 64]
 
 An in-process discrete-event simulation on the replay engine's answers. Each structure's reference
 job takes a duration drawn once from a log-normal (median 1 h, sigma 1; seeded), the same in both
@@ -37,7 +38,7 @@ The simulated campaigns work in the pool's own coordinates (``pool_coordinates``
 the span of its features, which changes no dot product, so no member, prediction or pick): the
 same figures at a fraction of the arithmetic. ``celery``: one real async campaign through Celery
 and Redis (``celery_run``: 2 workers holding 4 slots, the replay engine's job times drawn from
-the same log-normal with a median of 0.5 s) against its simulation.
+the same log-normal with a median of 0.5 s, 1 s and 2 s) against its simulation.
 """
 
 from __future__ import annotations
@@ -333,8 +334,10 @@ def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, b
     each job ran. ``utilisation_real``: busy slot-seconds / (slots x seconds from the first job's
     start to the last one's end); ``utilisation_sim``: the same campaign (its settings, features
     and durations in hours) in the discrete-event simulation, busy slot-hours / slot-hours until
-    its last result. The coordinator looks for results every 0.02 s (``poll_interval``): the
-    default 0.2 s is nothing next to hour-long jobs, but 40 % of a 0.5 s one.
+    its last result. The coordinator keeps the default ``poll_interval`` (0.2 s): the result
+    backend's doorbell (``graceq.dispatcher.Doorbell``) wakes it when a job ends, so it does not
+    wait out the interval (it used to be set to 0.02 s here: 0.2 s is nothing next to hour-long
+    jobs, but 40 % of a 0.5 s one).
     """
     import os
     import shutil
@@ -356,7 +359,6 @@ def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, b
                      "mode": "async", "slots": slots, "budget": budget},
         "model": {"n_members": members, "members_per_task": members},
         "engine": {"engine": "lognormal_engine:LogNormalReplay", "delay_s": median_s, "delay_seed": seed},
-        "runtime": {"poll_interval": 0.02},
     }
     (tmp / "settings.toml").write_text(tomli_w.dumps(settings))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(bench_dir), os.environ.get("PYTHONPATH")])))
@@ -424,10 +426,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-100k", action="store_true", help="leave out decision_s_per_arrival_100k")
     parser.add_argument("--skip-celery", action="store_true", help="leave out the real Celery + Redis run")
+    parser.add_argument("--celery-only", action="store_true",
+                        help="only the real Celery + Redis runs (no simulated campaigns, no 100k decision)")
+    parser.add_argument("--celery-medians", type=float, nargs="+", default=[0.5, 1.0, 2.0], metavar="S",
+                        help="median job seconds of the real runs, one run each (default 0.5 1 2: the "
+                             "simulation's median hour as a second, and either side)")
     parser.add_argument("--celery-members", type=int, default=64,
                         help="committee members of the real run (default 64: its 66-structure pool)")
     args = parser.parse_args(argv)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.celery_only:
+        out = {_celery_key(m): celery_run(args.seed, args.celery_members, median_s=m, say=say)
+               for m in args.celery_medians}
+        print(json.dumps(out, indent=1) if args.json else out)
+        return
     cache = Path(tempfile.gettempdir()) / "graceq-bench-cache"
     runs, timings = [], []
     for name in args.pools:
@@ -456,14 +468,20 @@ def main(argv=None) -> None:
         "decision_s_per_arrival_sim": round(float(np.mean(timings)), 4) if timings else None,
         "decision_s_per_arrival_100k": None if decision is None else decision["span"],
         "decision_100k": decision,
-        "celery": None if args.skip_celery else celery_run(args.seed, args.celery_members, median_s=0.5, say=say),
-        # the same with jobs 4x longer: the per-job dispatch overhead (a constant in seconds) weighs 4x less
-        "celery_median_2s": None if args.skip_celery else celery_run(args.seed, args.celery_members, median_s=2.0,
-                                                                     say=say),
+        # with longer jobs the per-job dispatch overhead (a constant in seconds) weighs less
+        **{_celery_key(m): None if args.skip_celery else celery_run(args.seed, args.celery_members, median_s=m,
+                                                                     say=say)
+           for m in args.celery_medians},
         "settings": {"n_init": 20, "members": args.members, "durations": "log-normal, median 1 h, sigma 1",
                      "seed": args.seed, "refit_every": "slots"},
     }
     print(json.dumps(out, indent=1) if args.json else out)
+
+
+def _celery_key(median_s: float) -> str:
+    """The output key of the real run with median job ``median_s`` s: ``celery`` for 0.5 s (the
+    default), else ``celery_median_<m>s`` (``celery_median_2s``)."""
+    return "celery" if median_s == 0.5 else f"celery_median_{median_s:g}s"
 
 
 if __name__ == "__main__":

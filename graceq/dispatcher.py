@@ -283,6 +283,67 @@ class TaskGroup:
         return len(self.done) == len(self.specs)
 
 
+class Doorbell:
+    """Ends the dispatcher's wait for outputs early: rings when a task of the campaign changes state
+    on a Redis result backend (a worker publishes a task's state there after the task returned, so
+    after its output file was written).
+
+    Only a hint: the outputs are still the files, and with no ring the dispatcher looks at them
+    again after the poll interval, as it always did (no Redis result backend, the embedded
+    broker, a dropped connection, a missed message). Each thread that waits (the coordinator's
+    loop, its refit) says when it starts a look (:meth:`looking`): a ring from then on ends its
+    next wait, so that a result published during the look is not slept through.
+    """
+
+    def __init__(self, campaign_id: str):
+        self._rings = 0
+        self._rang = threading.Condition()
+        self._looked = threading.local()
+        self._stop = threading.Event()
+        from graceq.app import app
+
+        backend = app.backend
+        client = getattr(backend, "client", None)
+        if not (hasattr(client, "pubsub") and hasattr(backend, "get_key_for_task")):
+            return  # not a Redis result backend: the waits are the poll interval
+        try:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.psubscribe(backend.get_key_for_task(f"graceq-{campaign_id}-") + b"*")
+        except Exception as exc:  # the broker's reachability is the send path's business
+            log.info("no doorbell on the result backend (%s); looking every poll interval", exc)
+            return
+        threading.Thread(target=self._listen, args=(pubsub,), daemon=True, name="graceq-doorbell").start()
+
+    def _listen(self, pubsub) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = pubsub.get_message(timeout=0.5)
+                except Exception as exc:  # redis-py reconnects (and subscribes again) on the next call
+                    log.info("doorbell: %s", exc)
+                    self._stop.wait(1.0)
+                    continue
+                if message is not None:
+                    with self._rang:
+                        self._rings += 1
+                        self._rang.notify_all()
+        finally:
+            pubsub.close()
+
+    def looking(self) -> None:
+        """This thread starts a look at the outputs."""
+        self._looked.rings = self._rings
+
+    def wait(self, timeout_s: float) -> None:
+        """Return after a ring since this thread's last look, or after timeout_s."""
+        seen = getattr(self._looked, "rings", self._rings)
+        with self._rang:
+            self._rang.wait_for(lambda: self._rings != seen, timeout_s)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 # -- the dispatcher -------------------------------------------------------------------------------
 class Dispatcher:
     """Sends a campaign's tasks and collects their outputs; re-sends what was lost.
@@ -311,6 +372,8 @@ class Dispatcher:
         self._engine = None
         self._quiet_since: float | None = None   # s since the epoch: nothing landed from then on
         self._probed_at = 0.0
+        self._bell: Doorbell | None = None  # started by the first wait
+        self._bell_lock = threading.Lock()
 
     # -- settings read defensively: new keys that config.py may not declare yet --
     @property
@@ -327,13 +390,26 @@ class Dispatcher:
         send_task(task, args, task_id, self.retry_for_s, self.say)
 
     def idle(self, queues=()) -> None:
-        """Wait a poll interval (checking that the embedded workers live, or, on a broker, that
-        someone consumes the ``queues`` the campaign waits on)."""
+        """Wait a poll interval, or less when the result backend rings (:class:`Doorbell`); check
+        that the embedded workers live, or, on a broker, that someone consumes the ``queues`` the
+        campaign waits on."""
         if self.check_workers is not None:
             self.check_workers()
         else:
             self._hint_unconsumed(queues)
-        time.sleep(self.settings.runtime.poll_interval)
+        with self._bell_lock:
+            if self._bell is None:
+                self._bell = Doorbell(self.campaign_id)
+        self._bell.wait(self.settings.runtime.poll_interval)
+
+    def _looking(self) -> None:
+        if self._bell is not None:
+            self._bell.looking()
+
+    def close(self) -> None:
+        """Stop listening for the result backend's rings."""
+        if self._bell is not None:
+            self._bell.close()
 
     def progressed(self) -> None:
         """Something landed: the campaign is not stalled."""
@@ -382,6 +458,7 @@ class Dispatcher:
         A worker's error file stops the campaign with the worker's reason; a task lost more than
         ``max_attempts`` times does too (it keeps killing its worker: out of memory, most likely).
         """
+        self._looking()
         rt = self._rt
         now = time.time()
         waiting = []
@@ -485,6 +562,7 @@ class Dispatcher:
         Jobs that an engine runs out of band are polled through the engine, and their results
         written here. A job lost ``max_attempts`` times gets a failed result.
         """
+        self._looking()
         landed = []
         missing = []
         rejected = []

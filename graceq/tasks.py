@@ -23,10 +23,22 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from celery.signals import worker_init
 
 from graceq.app import app
 from graceq.dispatcher import SUBMITTED, Lease, LeaseLost, count_delivery, lease_file
 from graceq.store import CampaignPaths, atomic_save_npy, atomic_save_npz, atomic_write_json, error_file
+
+
+@worker_init.connect
+def _import_before_fork(**_) -> None:
+    """Import what the tasks import when they run, once, in the worker's main process before its
+    pool forks: each pool process would otherwise import it at its first task (ASE's database
+    module alone takes 0.3 s, scikit-learn more), while the slot or the refit it holds waits."""
+    import graceq.config  # noqa: F401
+    import graceq.engines.replay  # noqa: F401
+    import graceq.model  # noqa: F401
+    import graceq.pooldb  # noqa: F401
 
 
 @lru_cache(maxsize=8)

@@ -264,3 +264,36 @@ def test_only_the_holder_beats_writes_or_releases_a_lease(tmp_path):
     assert json.loads((tmp_path / "result.json").read_text()) == {"by": "new"}
     new.release()
     assert not (tmp_path / "lease.json").exists()
+
+
+DOORBELL = """
+import sys, time
+from graceq import app as app_module
+from graceq.dispatcher import Doorbell
+
+app_module.configure(broker_url=sys.argv[1])
+backend = app_module.app.backend
+bell = Doorbell("c0ffee")
+time.sleep(0.5)  # subscribed
+
+
+def waited(publish=None, timeout=0.5):
+    bell.looking()
+    if publish:  # published during the look, before the wait: the wait must not sleep through it
+        backend.client.publish(backend.get_key_for_task(publish), b"{}")
+    t = time.monotonic()
+    bell.wait(timeout)
+    return time.monotonic() - t
+
+
+print(round(waited(), 2), round(waited("graceq-beef00-dft-000001"), 2), round(waited("graceq-c0ffee-dft-000001", 5.0), 2))
+bell.close()
+"""
+
+
+def test_the_doorbell_ends_a_wait_when_a_task_of_the_campaign_changes_state(redis_url):
+    out = subprocess.run([sys.executable, "-c", DOORBELL, redis_url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    nothing, other_campaign, ours = (float(v) for v in out.stdout.split())
+    assert nothing >= 0.45 and other_campaign >= 0.45  # no ring: the whole poll interval
+    assert ours < 0.25  # a ring of this campaign's task: at once (the 5 s timeout not waited)

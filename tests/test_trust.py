@@ -148,6 +148,21 @@ def test_entry_points_of_installed_packages_are_registered(tmp_path):
         engine_class("plugin-replay", allow_code=False)
 
 
+def test_registered_entry_points_are_read_again_when_a_package_comes_or_goes(tmp_path, monkeypatch):
+    import shutil
+
+    from graceq.engines import ENGINE_GROUP, registered
+
+    site = _fake_package(tmp_path / "site")
+    assert "plugin-replay" not in registered(ENGINE_GROUP)
+    assert registered(ENGINE_GROUP) == registered(ENGINE_GROUP)  # kept while nothing changed
+    monkeypatch.syspath_prepend(str(site))  # a folder more on the import path
+    assert "plugin-replay" in registered(ENGINE_GROUP)
+    shutil.rmtree(site / "graceq_test_plugin-1.0.dist-info")  # uninstalled: the folder changed
+    os.utime(site, ns=(0, os.stat(site).st_mtime_ns + 10**9))  # (a clock tick apart, whatever the clock)
+    assert "plugin-replay" not in registered(ENGINE_GROUP)
+
+
 # -- messages -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory) -> Path:

@@ -16,7 +16,9 @@ file comes from a campaign author who, on a shared worker pool, is not the opera
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -42,9 +44,35 @@ SLURM_CODE_KEYS = {"setup": [], "command": "graceq relax", "sbatch_args": [], "s
                    "squeue": "squeue"}
 
 
+#: group -> (the folders on sys.path as they were, that group's entry points then)
+_REGISTERED: dict[str, tuple[tuple, dict[str, Any]]] = {}
+
+
+def _import_path_state() -> tuple:
+    """Each sys.path folder with its identity and mtime: installing or removing a package adds or
+    removes its ``.dist-info`` folder there, which changes the folder's mtime."""
+    state = []
+    for folder in sys.path:
+        try:
+            st = os.stat(folder or ".")
+            state.append((folder, st.st_dev, st.st_ino, st.st_mtime_ns))
+        except OSError:
+            state.append((folder, None))
+    return tuple(state)
+
+
 def registered(group: str) -> dict[str, Any]:
-    """Entry points of installed packages in ``group`` (name -> EntryPoint), loaded only when used."""
-    return {ep.name: ep for ep in entry_points(group=group)}
+    """Entry points of installed packages in ``group`` (name -> EntryPoint), loaded only when used.
+
+    Reading every installed package's metadata takes milliseconds, and a worker asks for every
+    reference job (its message check and the engine it builds): the answer is kept until a folder
+    on sys.path changes (a package installed or removed there).
+    """
+    state = _import_path_state()
+    cached = _REGISTERED.get(group)
+    if cached is None or cached[0] != state:
+        cached = _REGISTERED[group] = (state, {ep.name: ep for ep in entry_points(group=group)})
+    return dict(cached[1])
 
 
 def register_engine(name: str, target) -> None:
@@ -95,8 +123,9 @@ def engine_class(name: str, allow_code: bool | None = None) -> type:
     return cls
 
 
-def check_engine_settings(settings: dict[str, Any], allow_code: bool | None = None) -> None:
-    """Raise :class:`graceq.trust.CodeNotAllowed` if ``[engine]`` settings name code that is not allowed.
+def check_engine_settings(settings: dict[str, Any], allow_code: bool | None = None) -> type:
+    """The engine class of ``[engine]`` settings; raises :class:`graceq.trust.CodeNotAllowed` if
+    they name code that is not allowed.
 
     Imports nothing outside the registry and builds nothing: what a worker checks before a
     reference task may write a file. Covers the engine, the ASE calculator (also the slurm
@@ -107,7 +136,7 @@ def check_engine_settings(settings: dict[str, Any], allow_code: bool | None = No
 
     allowed = settings_code_allowed() if allow_code is None else allow_code
     settings = dict(settings or {})
-    engine_class(settings.get("engine", "replay"), allow_code=allowed)
+    cls = engine_class(settings.get("engine", "replay"), allow_code=allowed)
     if settings.get("calculator") is not None:
         from .ase_relax import check_calculator_parameters, resolve_calculator
 
@@ -124,6 +153,7 @@ def check_engine_settings(settings: dict[str, Any], allow_code: bool | None = No
             if key not in SLURM_CODE_KEYS and isinstance(value, str) and not re.fullmatch(r"[\w.:,=/@+-]*", value):
                 raise code_refusal(f"[engine.slurm] {key} = {value!r}",
                                    "Values written into the batch script must be plain words. ")
+    return cls
 
 
 def make_engine(settings: dict[str, Any], unit: str, pool_source: str | None = None) -> ReferenceEngine:
@@ -137,8 +167,7 @@ def make_engine(settings: dict[str, Any], unit: str, pool_source: str | None = N
     """
     settings = dict(settings or {})
     unit = check_unit(unit)
-    check_engine_settings(settings)
-    cls = engine_class(settings.get("engine", "replay"))
+    cls = check_engine_settings(settings)
     engine = cls.from_settings(settings, unit, pool_source)
     engine.check()
     return engine
