@@ -156,14 +156,16 @@ def _results(target: Path) -> dict[int, tuple[str, str]]:
 
 def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_small, workers, redis_url, tmp_path,
                                                                         monkeypatch):
-    # risk 0.99: the stopping rule fires as soon as the risk is stated (20 prospective errors).
+    # risk 0.99 and a window of 0.2 kJ/mol (the best structure alone): the stopping rule fires as
+    # soon as the risk is stated (20 prospective errors) and the best is measured, whatever runs.
     # The jobs take 3, 6 or 9 s (tests/staggered_engine.py): jobs sent together end apart, as real
     # reference jobs do, so that some are running at the stop (with one duration for all, the
     # last jobs sent end in the same instant and none is left to cancel). They are cancelled, not
     # waited for, and recorded as cancelled.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                     os.environ.get("PYTHONPATH")])))
-    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 60, "risk": 0.99, "cancel_on_stop": True},
+    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 60, "risk": 0.99, "cancel_on_stop": True,
+                                                  "window": 0.2},
                    engine={"engine": "staggered_engine:StaggeredReplay", "delay_s": 3.0})
     workers.start(queues="featurize,fit", concurrency=1, name="fitter@%h")
     workers.start(queues="dft", concurrency=SLOTS, name="dft@%h", args=("--allow-code",))
