@@ -223,7 +223,7 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self._fits: dict = {}  # fit number -> Future of (calibrated committee, rows it saw) (async mode)
         self._executor = None
-        self._span: steering.Span | None = None  # the picks' span, grown decision by decision (async mode)
+        self._span: steering.Span | None = None  # coordinates of the members' rows, grown per decision (async)
         self.lock = CoordinatorLock(self.paths.root)  # held while run() runs: one coordinator per campaign
 
     # -- settings of the asynchronous mode --

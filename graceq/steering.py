@@ -53,9 +53,8 @@ class Span:
     Every ridge member's weights lie in the span of its (centred) training rows: the fit's train
     rows, and the rows a decision adds (the results since the fit, the pending jobs). With ``Q``
     (p x r) an orthonormal basis of the span of ``x_i - c`` over those rows (``c``: the pool's mean
-    features),
-    a member predicts ``x . w + b = z . (Q^T w) + (b + c . w)`` with ``z = (x - c) Q``: the
-    same number, from r coordinates instead of p. Refitting a member on rows inside the span gives
+    features), a member predicts ``x . w + b = z . (Q^T w) + (b + c . w)`` with ``z = (x - c) Q``:
+    the same number, from r coordinates instead of p. Refitting a member on rows inside the span gives
     the same member in either coordinates (ridge depends on the rows' dot products only, and the
     intercept absorbs the shift ``c``). So the pool's coordinates ``Z = (F - c) Q`` (n_pool x r)
     stand in for the features in a decision: the predictions, the believed rows, the stop check and
@@ -64,8 +63,9 @@ class Span:
     The basis grows with the rows, in the order the decisions use them (block Gram-Schmidt against
     the basis, twice, then an SVD of what is left, which drops the directions below 1e-10 of the
     rows' norm): each new pick adds one column to ``Z`` (one pool x features matrix-vector
-    product), not a pass of the whole committee over the features; a refit adds its test rows. Worth it while r is small against p:
-    ``useful`` is False once r passes half the features (then decide in the features).
+    product), not a pass of the whole committee over the features; a refit adds its test rows.
+    Worth it while r is small against p: ``useful`` is False once r passes half the features (then
+    the decision is made in the features).
     """
 
     TOLERANCE = 1e-10
@@ -207,7 +207,7 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         # the rows the members are fitted on here: the fit's train rows, the results since, the pending jobs
         span.cover(fitted_rows[:n_train] + [int(i) for i in view.stable_rows() if int(i) not in seen] + pending)
         if span.useful:
-            model = span.committee(model, fitted_rows[:len(model.y_train_)])
+            model = span.committee(model, fitted_rows[:n_train])
             features = span.Z
     measured_model = believed_committee(view, model, features, fitted_rows, [])
     n_batch = max(int(free_slots), 1)
