@@ -156,20 +156,21 @@ def _results(target: Path) -> dict[int, tuple[str, str]]:
 
 def test_cancel_on_stop_cancels_the_running_jobs_and_records_each_of_them(roy_small, workers, redis_url, tmp_path,
                                                                         monkeypatch):
-    # risk 0.99 and a window of 0.2 kJ/mol (the best structure alone): the stopping rule fires as
-    # soon as the risk is stated (20 prospective errors) and the best is measured, whatever runs.
-    # The jobs take 3, 6 or 9 s (tests/staggered_engine.py): jobs sent together end apart, as real
-    # reference jobs do, so that some are running at the stop (with one duration for all, the
-    # last jobs sent end in the same instant and none is left to cancel). They are cancelled, not
-    # waited for, and recorded as cancelled.
+    # The stop must come with jobs in flight, whatever order the results arrive in: 12 slots for an
+    # initial batch of 8, so that the free slots run farthest points (19 sent by the 8th result),
+    # and p_conv >= 0.001, which the first decision (after the 8th result, the first fit) always
+    # meets (p_conv >= 1 / (pool + 1) once the best structure is measured). The jobs take 3, 6 or
+    # 9 s (tests/staggered_engine.py) on 6 worker processes: some run, some wait in the queue. All
+    # are cancelled, not waited for, and recorded as cancelled (or as converged if they ended first).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                     os.environ.get("PYTHONPATH")])))
-    target = _init(tmp_path, roy_small, campaign={"n_init": 12, "budget": 60, "risk": 0.99, "cancel_on_stop": True,
-                                                  "window": 0.2},
+    slots = 12
+    target = _init(tmp_path, roy_small, campaign={"n_init": 8, "budget": 60, "stop_rule": "p_conv",
+                                                  "p_conv_target": 0.001, "cancel_on_stop": True},
                    engine={"engine": "staggered_engine:StaggeredReplay", "delay_s": 3.0})
     workers.start(queues="featurize,fit", concurrency=1, name="fitter@%h")
-    workers.start(queues="dft", concurrency=SLOTS, name="dft@%h", args=("--allow-code",))
-    run = subprocess.run(_async(target, redis_url), capture_output=True, text=True, timeout=900)
+    workers.start(queues="dft", concurrency=6, name="dft@%h", args=("--allow-code",))
+    run = subprocess.run(_async(target, redis_url, slots=slots), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((target / "summary.json").read_text())
     assert summary["stop"] == "converged"
