@@ -127,18 +127,18 @@ class Span:
         back = X[:3] @ Q.T + self.shift          # a cheap look that these are the rows it was fitted on
         if not np.allclose(back, model.X_train_[:3], rtol=1e-8, atol=1e-8 * float(np.abs(back).max(initial=1.0))):
             raise ValueError("the committee's training rows are not the given pool rows, or not in the span")
-        coef = model.coef_ @ Q
-        intercept = model.intercept_ + model.coef_ @ self.shift
-        params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
-        moved = CommitteeRidge.from_members(X, model.y_train_, model.alpha_, model.subsets_, coef, intercept,
-                                            cv_rmse=model.cv_rmse_, **params)
-        _copy_calibration(model, moved)
-        return moved
+        return _rebuilt(model, X, model.y_train_, model.subsets_, model.coef_ @ Q,
+                        model.intercept_ + model.coef_ @ self.shift)
 
 
-def _copy_calibration(source: CommitteeRidge, target: CommitteeRidge) -> None:
+def _rebuilt(model: CommitteeRidge, X, y, subsets, coef, intercept) -> CommitteeRidge:
+    """A committee with ``model``'s parameters, lambda and calibration, and the given rows and members."""
+    params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
+    rebuilt = CommitteeRidge.from_members(X, y, model.alpha_, subsets, coef, intercept,
+                                          cv_rmse=model.cv_rmse_, **params)
     for attribute in ("calibration_", "calibration_alpha2_", "calibration_warning_", "test_rmse_"):
-        setattr(target, attribute, getattr(source, attribute))
+        setattr(rebuilt, attribute, getattr(model, attribute))
+    return rebuilt
 
 
 def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -> CommitteeRidge:
@@ -156,12 +156,7 @@ def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -
     y = np.concatenate([model.y_train_, y_extra])
     extra = np.arange(n_train, n_train + len(X_extra))
     subsets = np.hstack([model.subsets_, np.broadcast_to(extra, (len(model.subsets_), len(extra)))])
-    coef, intercept = fit_members(X, y, model.alpha_, subsets)
-    params = {k: getattr(model, k) for k in ("n_members", "subsample", "alphas", "cv", "random_state")}
-    updated = CommitteeRidge.from_members(X, y, model.alpha_, subsets, coef, intercept,
-                                          cv_rmse=model.cv_rmse_, **params)
-    _copy_calibration(model, updated)
-    return updated
+    return _rebuilt(model, X, y, subsets, *fit_members(X, y, model.alpha_, subsets))
 
 
 def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray,
