@@ -44,7 +44,7 @@ from scipy.special import erfcx, ndtr
 from sklearn.linear_model import Ridge
 from threadpoolctl import threadpool_limits
 
-from graceq.model import _in_slices
+from graceq.model import in_slices
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 # Pool rows per block in set-up products (bounds temporaries to _BLOCK x n_train floats).
@@ -191,7 +191,7 @@ class _PrimalMembers:
                 self.Ainv[i] = np.linalg.inv(self._matrix(i))
 
         with threadpool_limits(1):
-            _in_slices(invert, self.kept)
+            in_slices(invert, self.kept)
 
     def _matrix(self, i):
         rows = self.Xt[self.subsets[i]]
@@ -216,7 +216,7 @@ class _PrimalMembers:
                                              check_finite=False)
 
         with threadpool_limits(1):
-            _in_slices(streamed, m - self.kept)
+            in_slices(streamed, m - self.kept)
         return h
 
     def believe(self, xa, h, s):
@@ -353,7 +353,7 @@ def _kb_fast(model, b):
             def update_mean(first, last):               # exact committee mean of every row
                 mean_u[first:last] = mean0[first:last] + b.X[first:last] @ v + c_mean
 
-            _in_slices(update_mean, n_cand)
+            in_slices(update_mean, n_cand)
     return b
 
 
@@ -386,7 +386,7 @@ class _DualMembers:
                 self.Minv0[lo:lo + len(idx)] = np.linalg.inv(M)
 
         with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
-            _in_slices(invert, self.kept)
+            in_slices(invert, self.kept)
 
     def solve(self, c, out):
         """``out[i] = M_i^{-1} c[i]`` for every member i (c, out: (m, 1 + n_sub))."""
@@ -409,8 +409,8 @@ class _DualMembers:
                 out[i, 0] = x0
                 out[i, 1:] = uv[:, 1] - uv[:, 0] * x0
 
-        _in_slices(kept, k)
-        _in_slices(streamed, len(self.subsets) - k)
+        in_slices(kept, k)
+        in_slices(streamed, len(self.subsets) - k)
 
 
 class _GramRowCache:

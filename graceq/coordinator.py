@@ -41,6 +41,7 @@ from graceq.dispatcher import Dispatcher, TaskError, TaskSpec, lease_files
 from graceq.store import (CampaignPaths, CampaignStore, artifact_ok, atomic_save_npy, atomic_save_npz,
                           foreign_artifacts, load_artifact)
 from graceq.lock import CoordinatorLock
+from graceq.model import member_systems
 
 __all__ = ["Coordinator", "EmbeddedWorkers", "TaskError", "init_campaign", "worker_command"]
 
@@ -271,7 +272,14 @@ class Coordinator:
                 self.dispatcher.run(specs, "featurizing the pool", bar)
             features = np.concatenate([load_artifact(spec.output) for spec in specs])
             atomic_save_npy(self.paths.features, features)
-        return load_artifact(self.paths.features)
+        features = load_artifact(self.paths.features)
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):  # checked once here, so that the decisions need not check the pool again
+            names = ", ".join(self.names[i] for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+            raise ValueError(f"{self.paths.features}: {len(bad)} structures have features that are not finite "
+                             f"numbers (NaN or infinite): {names}. Look at those structures in the pool, "
+                             f"fix or remove them, and delete this file to featurize again.")
+        return features
 
     def view(self) -> cp.CampaignView:
         return cp.CampaignView(
@@ -493,6 +501,7 @@ class Coordinator:
     def _fit_with_rows(self, view: cp.CampaignView, features: np.ndarray, r: int):
         """Fit r's calibrated committee and the pool rows it saw (train and test), from one view."""
         model = self.fit_committee(view, features, r)
+        member_systems(model)  # factorised here, off the decisions' path: they border it with the rows since
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, r)
         return model, np.concatenate([plan.train_rows, plan.test_rows])
 

@@ -21,9 +21,10 @@ that replays the stored arrival order makes the same decisions.
 from __future__ import annotations
 
 import numpy as np
+from sklearn import config_context
 
 from graceq import campaign as cp
-from graceq.model import CommitteeRidge, fit_members
+from graceq.model import CommitteeRidge, MemberSystems, fit_members, member_systems
 
 
 def farthest_points_due(n_init: int, slots: int, n_arrived: int, n_pool: int, budget: int | None = None) -> int:
@@ -159,21 +160,47 @@ def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -
     return _rebuilt(model, X, y, subsets, *fit_members(X, y, model.alpha_, subsets))
 
 
-def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray,
-                       fitted_rows, pending) -> CommitteeRidge:
-    """The committee brought up to date: results since its fit at their labels, then pending jobs
-    believed at the predicted means of that committee.
+def growing(model: CommitteeRidge, X_extra: np.ndarray, systems: MemberSystems | None = None):
+    """A function ``(y_extra, j) -> committee`` with the first j rows of ``X_extra`` added to every
+    member at labels ``y_extra``: the bordered solve of ``systems`` (the fitted committee's
+    :class:`graceq.model.MemberSystems`, the rows in ``model``'s coordinates) when given, else
+    :func:`with_rows`. The bordering is done once for all rows; each call is then a few
+    triangular solves per member."""
+    X_extra = np.asarray(X_extra, dtype=np.float64).reshape(-1, model.n_features_in_)
+    border = systems.border(model.X_train_, X_extra) if systems is not None and len(X_extra) else None
 
-    ``fitted_rows``: pool indices the committee saw when it was fitted (train and test rows);
-    ``pending``: pool indices sent and without a result, in the order they were picked.
-    """
+    def grown(y_extra, j: int) -> CommitteeRidge:
+        if j == 0:
+            return model
+        if border is None:
+            return with_rows(model, X_extra[:j], y_extra)
+        n_train = len(model.y_train_)
+        added = np.broadcast_to(np.arange(n_train, n_train + j), (len(model.subsets_), j))
+        return _rebuilt(model, np.vstack([model.X_train_, X_extra[:j]]), np.concatenate([model.y_train_, y_extra]),
+                        np.hstack([model.subsets_, added]), *border.members(y_extra, j))
+
+    return grown
+
+
+def _since_fit(view: cp.CampaignView, fitted_rows, pending):
+    """``(new, pending)``: the measured rows the committee was not fitted on (``fitted_rows``: its
+    train and test rows), and the pending jobs without a result, in the order they were picked."""
     seen = set(int(i) for i in fitted_rows)
     new = np.array([i for i in view.stable_rows() if int(i) not in seen], dtype=int)
-    model = with_rows(model, features[new], view.delta_per_atom(new)) if len(new) else model
-    pending = np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
-    if len(pending):
-        model = with_rows(model, features[pending], model.predict(features[pending]))
-    return model
+    return new, np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
+
+
+def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray,
+                       fitted_rows, pending, systems: MemberSystems | None = None) -> CommitteeRidge:
+    """The committee brought up to date: results since its fit at their labels, then pending jobs
+    believed at the predicted means of that committee (``systems``: as in :func:`growing`)."""
+    new, pending = _since_fit(view, fitted_rows, pending)
+    grown = growing(model, features[np.concatenate([new, pending])], systems)
+    y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
+    measured = grown(y_new, len(new))
+    if not len(pending):
+        return measured
+    return grown(np.concatenate([y_new, measured.predict(features[pending])]), len(new) + len(pending))
 
 
 def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, settings,
@@ -192,8 +219,18 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
     up to round-off, at a fraction of the cost). Not when the acquisition believes candidates
     within the batch and more than one slot is free (the believed candidates are not in the span).
     ``fitted_rows`` must start with the committee's training rows (then its test rows).
+
+    The results since the fit and the pending jobs join the members by a bordered solve of the
+    fitted committee's member systems (:func:`graceq.model.member_systems`: factorised once per
+    fit, which the coordinator does in the fit's background thread), not by refitting them.
     """
+    with config_context(assume_finite=True):  # the coordinator checks the pool's features once, when it loads them
+        return _decided(view, model, features, settings, decision, fitted_rows, pending, free_slots, span)
+
+
+def _decided(view, model, features, settings, decision, fitted_rows, pending, free_slots, span) -> cp.Decision:
     pending = [int(i) for i in pending if int(i) not in view.results]
+    systems = member_systems(model)  # the fitted committee's, in any coordinates that hold its rows
     in_span = free_slots <= 1 or settings.campaign.acquisition not in cp.BELIEVES_WITHIN_BATCH
     if span is not None and in_span:
         fitted_rows = [int(i) for i in fitted_rows]
@@ -204,7 +241,10 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         if span.useful:
             model = span.committee(model, fitted_rows[:n_train])
             features = span.Z
-    measured_model = believed_committee(view, model, features, fitted_rows, [])
+    new, running_rows = _since_fit(view, fitted_rows, pending)
+    grown = growing(model, features[np.concatenate([new, running_rows])], systems)   # one bordering, two committees
+    y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
+    measured_model = grown(y_new, len(new))
     n_batch = max(int(free_slots), 1)
     c = settings.campaign.model_copy(update={"n_batch": n_batch})
     narrowed = settings.model_copy(update={"campaign": c})
@@ -220,9 +260,9 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
         stop = "budget"
     picks, pick_ei = check.picks[:0], check.pick_ei[:0]
     if stop is None and free_slots > 0:
-        if pending:  # = believed_committee(view, model, features, fitted_rows, pending), measured rows reused
-            rows = np.asarray(pending, dtype=int)
-            believing = with_rows(measured_model, features[rows], measured_model.predict(features[rows]))
+        if pending:  # = believed_committee(view, model, features, fitted_rows, pending, systems)
+            believing = grown(np.concatenate([y_new, measured_model.predict(features[running_rows])]),
+                              len(new) + len(running_rows))
             chosen = cp.decide(view, believing, features, narrowed, decision)
             picks, pick_ei = chosen.picks, chosen.pick_ei
         else:

@@ -6,8 +6,8 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.utils.estimator_checks import check_estimator
 
-from graceq.model import (DEFAULT_ALPHAS, CommitteeRidge, chronological_split, fit_members,
-                          select_ridge_alpha)
+from graceq.model import (DEFAULT_ALPHAS, CommitteeRidge, MemberSystems, chronological_split, fit_members,
+                          member_systems, select_ridge_alpha)
 
 
 def soap_like(rng, n, p, noise, rank=6):
@@ -166,3 +166,48 @@ def test_members_fitted_in_a_forked_child_after_the_parent_used_its_threads():
         coef, intercept = pool.apply_async(fit_members, (X, y, 0.1, subsets)).get(timeout=60)
     np.testing.assert_array_equal(coef, expected[0])
     np.testing.assert_array_equal(intercept, expected[1])
+
+
+@pytest.mark.parametrize("p", [12, 90])  # fewer features than a member's rows, and more
+def test_bordered_member_systems_equal_scikit_learn_refits_with_the_rows_added(p):
+    """Rows added to every member by a bordered solve of the fit's factorised systems: each member
+    is ``Ridge(lambda).fit`` on its rows plus the first j added rows, for every j (the leading
+    blocks), in the features or any coordinates that hold the rows (here: rotated and shifted)."""
+    rng = np.random.default_rng(11)
+    X, y = soap_like(rng, 80, p, 0.3)
+    model = CommitteeRidge(n_members=12, random_state=2).fit(X[:50], y[:50])
+    systems = member_systems(model)
+    assert member_systems(model) is systems                      # built once per fit
+    assert member_systems(CommitteeRidge(n_members=12, random_state=2).fit(X[:50], y[:50]).fit(X[:40], y[:40])
+                          ).L.shape[1] == 20                     # a refit drops the previous fit's
+    rotation = np.linalg.qr(rng.normal(size=(p, p)))[0]
+    for coords in (lambda A: A, lambda A: (A - 3.0) @ rotation):
+        border = systems.border(coords(X[:50]), coords(X[50:62]))
+        for j in (0, 5, 12):
+            coef, intercept = border.members(y[50:50 + j], j)
+            for i, subset in enumerate(model.subsets_):
+                ridge = Ridge(alpha=model.alpha_).fit(np.vstack([coords(X[:50])[subset], coords(X[50:50 + j])]),
+                                                      np.concatenate([y[:50][subset], y[50:50 + j]]))
+                np.testing.assert_allclose(coef[i], ridge.coef_, rtol=1e-6, atol=1e-9)
+                assert intercept[i] == pytest.approx(ridge.intercept_, abs=1e-8)
+    with pytest.raises(ValueError, match="labels"):
+        border.members(y[50:53], 5)
+
+
+def test_member_systems_are_not_kept_above_their_memory_cap(monkeypatch):
+    rng = np.random.default_rng(12)
+    X, y = soap_like(rng, 40, 10, 0.3)
+    monkeypatch.setattr(MemberSystems, "MAX_BYTES", MemberSystems.nbytes(8, 15) - 1)
+    assert member_systems(CommitteeRidge(n_members=8).fit(X[:30], y[:30])) is None   # n_sub 15
+    assert member_systems(CommitteeRidge(n_members=8).fit(X[:28], y[:28])) is not None  # n_sub 14
+
+
+def test_committee_mean_and_std_are_those_of_the_members_predictions():
+    rng = np.random.default_rng(13)
+    X, y = soap_like(rng, 200, 40, 0.3)
+    model = CommitteeRidge(n_members=24).fit(X[:120], y[:120]).calibrate(X[120:150], y[120:150])
+    members = np.array([[X[k] @ model.coef_[i] + model.intercept_[i] for i in range(24)] for k in range(200)])
+    mean, std = model.predict(X, return_std=True)
+    np.testing.assert_allclose(mean, members.mean(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(std, model.calibration_ * members.std(axis=1, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(model.predict(X), mean, rtol=1e-12, atol=1e-12)

@@ -196,3 +196,30 @@ def test_the_span_refuses_a_committee_fitted_on_other_rows():
     span.committee(model, range(40))
     with pytest.raises(ValueError, match="training rows"):
         span.committee(model, range(1, 41))
+
+
+def test_the_bordered_update_makes_the_decision_member_refits_make(monkeypatch):
+    """The decision borders the fit's factorised member systems with the rows since the fit and the
+    pending jobs; with the systems over their memory cap it refits every member instead (the
+    literal recipe): same committees, same picks, same stop statistics."""
+    from graceq.model import MemberSystems, member_systems
+
+    X, y, view, settings = _view_and_settings(labelled=50)
+    fitted = _committee(X, y, np.arange(40), np.arange(40, 45))   # rows 45..49 arrived since the fit
+    pending = [70, 90, 110]
+    sent = cp.CampaignView(view.n_atoms, view.energy_ff, 4, view.picks + pending, view.results)
+    bordered = steering.decide_on_arrival(sent, fitted, X, settings, 3, range(45), pending, free_slots=2)
+    assert member_systems(fitted) is not None
+    believed = steering.believed_committee(sent, fitted, X, range(45), pending, member_systems(fitted))
+    monkeypatch.setattr(MemberSystems, "MAX_BYTES", 0)
+    refitted_model = _committee(X, y, np.arange(40), np.arange(40, 45))
+    refitted = steering.decide_on_arrival(sent, refitted_model, X, settings, 3, range(45), pending, free_slots=2)
+    assert member_systems(refitted_model) is None
+    np.testing.assert_array_equal(bordered.picks, refitted.picks)
+    np.testing.assert_allclose(bordered.mu, refitted.mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bordered.sigma, refitted.sigma, rtol=1e-7, atol=1e-12)
+    assert bordered.stats.risk == pytest.approx(refitted.stats.risk, rel=1e-7, abs=1e-12)
+    literal = steering.believed_committee(sent, refitted_model, X, range(45), pending)
+    np.testing.assert_allclose(believed.coef_, literal.coef_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(believed.intercept_, literal.intercept_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_array_equal(believed.subsets_, literal.subsets_)
