@@ -280,3 +280,21 @@ def test_a_relative_symlink_loop_as_the_pool(tmp_path):
     (tmp_path / "settings.toml").write_text('[campaign]\npool = "loop.extxyz"\nunit = "kJ/mol"\n')
     result = run_cli("init", str(tmp_path / "campaign"), "--settings", str(tmp_path / "settings.toml"), check=False)
     _clean_failure(result, "loop of symbolic links", "loop.extxyz")
+
+
+def test_features_that_are_not_finite_name_the_structures_and_keep_the_file(roy_small, tmp_path):
+    """A pool row whose features came out NaN would give NaN predictions that no decision checks
+    (they assume finite features): the coordinator refuses them once, when it loads them."""
+    from graceq.coordinator import Coordinator
+    from graceq.store import atomic_save_npy
+
+    (tmp_path / "settings.toml").write_text(settings_text(roy_small))
+    target = tmp_path / "campaign"
+    run_cli("init", str(target), "--settings", str(tmp_path / "settings.toml"))
+    c = Coordinator(target, progress=False)
+    features = np.ones((len(c.names), 5))
+    features[3, 2] = np.nan
+    atomic_save_npy(c.paths.features, features)
+    with pytest.raises(ValueError, match=rf"1 structures have features that are not finite.*{c.names[3]}"):
+        c.ensure_features()
+    assert c.paths.features.exists()
