@@ -251,6 +251,8 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         if stopped:
             continue
         r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
+        for old in [key for key in fits if key < r]:  # as the coordinator: an older fit is not used again
+            del fits[old]
         model, fitted_rows = fit(r)
         view = _view(pool, picks, arrived, predictions)
         pending = [i for i in picks if i not in set(arrived)]
@@ -279,7 +281,8 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     from the previous decision (which had all but the newest pending job: one new column);
     ``span_build_s``: building that span from nothing (a coordinator's start or resume, once);
     ``member_systems_s``: factorising the members' systems (once per fit, in the coordinator's fit
-    thread; the decisions border them with the rows since the fit instead of refitting);
+    thread; the decisions border them with the rows since the fit instead of refitting; the
+    previous decision's rows left their bordering columns with them);
     ``features``: the same decision on the 3,750 features (no span).
     """
     from graceq.config import settings_from_dict
@@ -303,8 +306,10 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     model = CommitteeRidge(n_members=members, random_state=1).fit(X[train], y[train]).calibrate(X[test], y[test])
     timed = {}
     t = time.perf_counter()
-    member_systems(model)  # as the coordinator does in the fit's background thread, once per fit
+    systems = member_systems(model)  # as the coordinator does in the fit's background thread, once per fit
     timed["member_systems_s"] = time.perf_counter() - t
+    previous = list(range(fitted, n_lab - 1)) + pending[:-1] + [n_lab - 1]  # the previous decision's added rows
+    systems.border(X[train], X[previous], previous)  # it left their bordering columns with the systems
     t = time.perf_counter()
     span = steering.Span(X).cover(list(train) + list(range(fitted, n_lab)) + pending[:-1])  # the previous decision's
     timed["span_build_s"] = time.perf_counter() - t

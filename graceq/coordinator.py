@@ -507,7 +507,10 @@ class Coordinator:
 
     def _model_for(self, n: int, features: np.ndarray):
         """The fitted committee that decision n uses and the rows it saw (waits only if the fit is late)."""
-        return self._launch_fit(self.fit_schedule(n), features).result()
+        r = self.fit_schedule(n)
+        for old in [k for k in self._fits if k < r]:  # decisions only go forward: an older fit (and the member
+            del self._fits[old]                        # systems it keeps, 0.3 GB at 1,000 labelled) is not used again
+        return self._launch_fit(r, features).result()
 
     def decide_on_arrival(self, n: int, features: np.ndarray, persist: bool = True) -> cp.Decision:
         """Slots free -> pick: the decision after the n-th arrival (believing the jobs in flight)."""

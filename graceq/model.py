@@ -227,6 +227,13 @@ def _fit_members_dual(Xs, y, alpha, subsets, shift):
     return coef, intercept
 
 
+# Bytes of member factors that asynchronous steering keeps from one fit to the next decisions
+# (``MemberSystems``: n_sub (n_sub + 2) doubles a member; 0.3 GB for 256 members at 1,000 labelled);
+# the members beyond it are refitted at every decision, as before the bordered update. A coordinator
+# with memory to spare sets GRACEQ_STEERING_KEPT_MIB higher.
+_STEERING_KEPT_BYTES = int(float(os.environ.get("GRACEQ_STEERING_KEPT_MIB", 512)) * 2**20)
+
+
 class MemberSystems:
     """Every member's ridge system, factorised once per fit, so that rows added to all members cost
     a bordered solve instead of a refit (asynchronous steering adds rows at every arrival).
@@ -240,25 +247,27 @@ class MemberSystems:
     bordered system ``[[A, B], [B^T, C]] u = v`` is solved by ``u2 = S^-1 (v2 - G^T L^-1 v1)``,
     ``u1 = L^-T (L^-1 v1 - G u2)``, for v = (y, 1); then ``b = 1.u_y / 1.u_1`` and
     ``a = u_y - b u_1``. Cost per member: n_sub^2 k for the k added rows, against n_sub^3 for a refit.
-    The factors hold ``n_members * n_sub^2`` floats; :func:`member_systems` builds them only below
-    ``MAX_BYTES`` (above, a decision refits its members).
 
-    The shift is the mean of the fit's train rows in whatever coordinates the rows are given (the
-    features, or exact coordinates of a subspace that holds them: the Gram matrices are the same).
+    The factors of the first ``kept`` members are held (``n_sub (n_sub + 2)`` doubles each; as
+    many as ``GRACEQ_STEERING_KEPT_MIB`` allows, all 256 up to about 1,000 labelled); the others
+    are refitted on their enlarged rows (:func:`fit_members`). The shift is the mean of the fit's
+    train rows in whatever coordinates the rows are given (the features, or exact coordinates of
+    a subspace that holds them: the Gram matrices are the same).
     """
 
-    MAX_BYTES = 2 * 1024 ** 3
-
-    def __init__(self, X_train, y_train, alpha: float, subsets):
+    def __init__(self, X_train, y_train, alpha: float, subsets, kept: int | None = None):
         X = np.asarray(X_train, dtype=np.float64)
         self.alpha = float(alpha)
+        self.y_train = np.asarray(y_train, dtype=np.float64)
         self.subsets = np.atleast_2d(np.asarray(subsets, dtype=np.intp))
         m, n_sub = self.subsets.shape
+        self.kept = m if kept is None else int(min(m, kept))
         Xs = X - X.mean(axis=0)
         gram = Xs @ Xs.T
-        self.L = np.empty((m, n_sub, n_sub))
-        self.t = np.empty((m, n_sub, 2))   # L^-1 (y_S, 1), the right-hand sides' first halves
-        rhs = np.stack([np.asarray(y_train, dtype=np.float64)[self.subsets], np.ones((m, n_sub))], axis=2)
+        self.L = np.empty((self.kept, n_sub, n_sub))
+        self.t = np.empty((self.kept, n_sub, 2))   # L^-1 (y_S, 1), the right-hand sides' first halves
+        self.columns: dict[int, np.ndarray] = {}   # pool row -> its column of G = L^-1 B, (kept, n_sub)
+        rhs = np.stack([self.y_train[self.subsets[:self.kept]], np.ones((self.kept, n_sub))], axis=2)
         diagonal = np.arange(n_sub)
 
         def chunk(lo, hi):
@@ -269,16 +278,20 @@ class MemberSystems:
             for i in range(lo, hi):
                 self.t[i] = solve_triangular(self.L[i], rhs[i], lower=True, check_finite=False)
 
-        _chunked(chunk, m)
+        _chunked(chunk, self.kept)
 
     @staticmethod
-    def nbytes(n_members: int, n_sub: int) -> int:
-        return 8 * n_members * n_sub * (n_sub + 2)
+    def member_bytes(n_sub: int) -> int:
+        return 8 * n_sub * (n_sub + 2)
 
-    def border(self, X_train, X_extra) -> "Bordered":
+    def border(self, X_train, X_extra, rows=None) -> "Bordered":
         """The members' systems bordered by the rows ``X_extra`` (added to every member), with the
-        train rows ``X_train`` in the same coordinates as ``X_extra``."""
-        return Bordered(self, np.asarray(X_train, dtype=np.float64), np.asarray(X_extra, dtype=np.float64))
+        train rows ``X_train`` in the same coordinates as ``X_extra``. ``rows``: the added rows'
+        pool indices, whose columns of ``G`` are then kept for the next borderings (a row's column
+        is made of dot products, the same in any coordinates that hold the rows): an asynchronous
+        decision adds the results since the fit and the pending jobs, all but one or two of which
+        the previous decision added too."""
+        return Bordered(self, np.asarray(X_train, dtype=np.float64), np.asarray(X_extra, dtype=np.float64), rows)
 
 
 class Bordered:
@@ -286,26 +299,42 @@ class Bordered:
     ``j <= k`` added rows, for any labels of those (the Schur complement of the first j rows is
     the leading block of the k rows' one)."""
 
-    def __init__(self, systems: MemberSystems, X_train: np.ndarray, X_extra: np.ndarray):
+    def __init__(self, systems: MemberSystems, X_train: np.ndarray, X_extra: np.ndarray, rows=None):
         self.systems = systems
+        self.X_train, self.X_extra = X_train, X_extra
         shift = X_train.mean(axis=0)
         self.X = np.vstack([X_train, X_extra]) - shift     # every row, shifted: the weights are sums of these
         self.shift = shift
         n, k = len(X_train), len(X_extra)
         self.n_train, self.k = n, k
-        cross = self.X[:n] @ self.X[n:].T                  # (n_train, k)
         C = self.X[n:] @ self.X[n:].T + systems.alpha * np.eye(k)
-        m = len(systems.subsets)
-        self.G = np.empty((m, systems.subsets.shape[1], k))
-        self.S = np.empty((m, k, k))
+        kept, n_sub = systems.kept, systems.subsets.shape[1]
+        rows = None if rows is None else [int(r) for r in rows]
+        known = systems.columns if rows is not None else {}
+        new = [c for c in range(k) if rows is None or rows[c] not in known]
+        cross = self.X[:n] @ self.X[n:][new].T             # (n_train, new)
+        fresh = np.empty((kept, n_sub, len(new)))
+        self.G = np.empty((kept, n_sub, k))
+        self.S = np.empty((kept, k, k))
 
         def chunk(lo, hi):
             for i in range(lo, hi):
-                self.G[i] = solve_triangular(systems.L[i], cross[systems.subsets[i]], lower=True, check_finite=False)
+                fresh[i] = solve_triangular(systems.L[i], cross[systems.subsets[i]], lower=True, check_finite=False)
+
+        if new:
+            _chunked(chunk, kept)
+        for c, column in zip(new, np.moveaxis(fresh, 2, 0)):
+            if rows is not None:
+                known[rows[c]] = np.ascontiguousarray(column)
+            self.G[:, :, c] = column
+        for c in set(range(k)) - set(new):
+            self.G[:, :, c] = known[rows[c]]
+
+        def schur(lo, hi):
             G = self.G[lo:hi]
             self.S[lo:hi] = C - np.matmul(G.transpose(0, 2, 1), G)
 
-        _chunked(chunk, m)
+        _chunked(schur, kept)
 
     def members(self, y_extra, j: int | None = None):
         """``(coef (m, p), intercept (m,))`` of the members refitted on their rows plus the first
@@ -317,33 +346,41 @@ class Bordered:
             raise ValueError(f"{len(y_extra)} labels for {j} added rows")
         sy = self.systems
         m, n_sub = sy.subsets.shape
+        kept = sy.kept
         G, S, t = self.G[:, :, :j], self.S[:, :j, :j], sy.t
-        v2 = np.stack([np.broadcast_to(y_extra, (m, j)), np.ones((m, j))], axis=2)           # (m, j, 2)
+        v2 = np.stack([np.broadcast_to(y_extra, (kept, j)), np.ones((kept, j))], axis=2)      # (kept, j, 2)
         u2 = np.linalg.solve(S, v2 - np.matmul(G.transpose(0, 2, 1), t)) if j else v2
-        u1 = np.empty((m, n_sub, 2))
+        u1 = np.empty((kept, n_sub, 2))
 
         def chunk(lo, hi):
             for i in range(lo, hi):
                 u1[i] = solve_triangular(sy.L[i], t[i] - G[i] @ u2[i], lower=True, trans="T", check_finite=False)
 
-        _chunked(chunk, m)
-        total = u1.sum(axis=1) + u2.sum(axis=1)                                               # (m, 2)
+        _chunked(chunk, kept)
+        total = u1.sum(axis=1) + u2.sum(axis=1)                                               # (kept, 2)
         b = total[:, 0] / total[:, 1]
-        scattered = np.zeros((m, self.n_train + j))
-        scattered[np.arange(m)[:, None], sy.subsets] = u1[:, :, 0] - b[:, None] * u1[:, :, 1]
+        scattered = np.zeros((kept, self.n_train + j))
+        scattered[np.arange(kept)[:, None], sy.subsets[:kept]] = u1[:, :, 0] - b[:, None] * u1[:, :, 1]
         scattered[:, self.n_train:] = u2[:, :, 0] - b[:, None] * u2[:, :, 1]
-        coef = scattered @ self.X[:self.n_train + j]
-        return coef, b - coef @ self.shift
+        coef = np.empty((m, self.X.shape[1]))
+        intercept = np.empty(m)
+        coef[:kept] = scattered @ self.X[:self.n_train + j]
+        intercept[:kept] = b - coef[:kept] @ self.shift
+        if kept < m:  # the members whose factors are not kept: refitted on their enlarged rows
+            added = np.broadcast_to(np.arange(self.n_train, self.n_train + j), (m - kept, j))
+            coef[kept:], intercept[kept:] = fit_members(
+                np.vstack([self.X_train, self.X_extra[:j]]), np.concatenate([sy.y_train, y_extra]), sy.alpha,
+                np.hstack([sy.subsets[kept:], added]))
+        return coef, intercept
 
 
 def member_systems(model: "CommitteeRidge") -> MemberSystems | None:
     """The fitted committee's :class:`MemberSystems`, built at the first call and kept with the
-    committee (None when they would take more than ``MemberSystems.MAX_BYTES``)."""
+    committee (None when not one member's factors fit in ``GRACEQ_STEERING_KEPT_MIB``)."""
     cached = getattr(model, "_member_systems", False)
     if cached is False:
-        m, n_sub = model.subsets_.shape
-        fits = MemberSystems.nbytes(m, n_sub) <= MemberSystems.MAX_BYTES
-        cached = MemberSystems(model.X_train_, model.y_train_, model.alpha_, model.subsets_) if fits else None
+        kept = min(len(model.subsets_), _STEERING_KEPT_BYTES // MemberSystems.member_bytes(model.subsets_.shape[1]))
+        cached = MemberSystems(model.X_train_, model.y_train_, model.alpha_, model.subsets_, kept) if kept else None
         model._member_systems = cached
     return cached
 

@@ -160,14 +160,15 @@ def with_rows(model: CommitteeRidge, X_extra: np.ndarray, y_extra: np.ndarray) -
     return _rebuilt(model, X, y, subsets, *fit_members(X, y, model.alpha_, subsets))
 
 
-def growing(model: CommitteeRidge, X_extra: np.ndarray, systems: MemberSystems | None = None):
+def growing(model: CommitteeRidge, X_extra: np.ndarray, systems: MemberSystems | None = None, rows=None):
     """A function ``(y_extra, j) -> committee`` with the first j rows of ``X_extra`` added to every
     member at labels ``y_extra``: the bordered solve of ``systems`` (the fitted committee's
     :class:`graceq.model.MemberSystems`, the rows in ``model``'s coordinates) when given, else
     :func:`with_rows`. The bordering is done once for all rows; each call is then a few
-    triangular solves per member."""
+    triangular solves per member. ``rows``: the pool indices of ``X_extra``'s rows (the systems
+    keep their bordering columns for the next decision)."""
     X_extra = np.asarray(X_extra, dtype=np.float64).reshape(-1, model.n_features_in_)
-    border = systems.border(model.X_train_, X_extra) if systems is not None and len(X_extra) else None
+    border = systems.border(model.X_train_, X_extra, rows) if systems is not None and len(X_extra) else None
 
     def grown(y_extra, j: int) -> CommitteeRidge:
         if j == 0:
@@ -195,7 +196,8 @@ def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: n
     """The committee brought up to date: results since its fit at their labels, then pending jobs
     believed at the predicted means of that committee (``systems``: as in :func:`growing`)."""
     new, pending = _since_fit(view, fitted_rows, pending)
-    grown = growing(model, features[np.concatenate([new, pending])], systems)
+    rows = np.concatenate([new, pending])
+    grown = growing(model, features[rows], systems, rows)
     y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
     measured = grown(y_new, len(new))
     if not len(pending):
@@ -242,7 +244,8 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
             model = span.committee(model, fitted_rows[:n_train])
             features = span.Z
     new, running_rows = _since_fit(view, fitted_rows, pending)
-    grown = growing(model, features[np.concatenate([new, running_rows])], systems)   # one bordering, two committees
+    rows = np.concatenate([new, running_rows])
+    grown = growing(model, features[rows], systems, rows)   # one bordering, two committees
     y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
     measured_model = grown(y_new, len(new))
     n_batch = max(int(free_slots), 1)

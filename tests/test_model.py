@@ -192,14 +192,38 @@ def test_bordered_member_systems_equal_scikit_learn_refits_with_the_rows_added(p
                 assert intercept[i] == pytest.approx(ridge.intercept_, abs=1e-8)
     with pytest.raises(ValueError, match="labels"):
         border.members(y[50:53], 5)
+    # the columns of rows bordered before are kept (by pool row) and reused: rows 50..57 again, 70 new
+    systems.border(X[:50], X[50:58], rows=range(50, 58))
+    rows = [52, 70, 50, 57]
+    assert set(systems.columns) == set(range(50, 58))
+    coef, intercept = systems.border(X[:50] @ rotation, X[rows] @ rotation, rows=rows).members(y[rows])
+    assert set(systems.columns) == set(range(50, 58)) | {70}
+    for i, subset in enumerate(model.subsets_):
+        ridge = Ridge(alpha=model.alpha_).fit(np.vstack([X[:50][subset], X[rows]]) @ rotation,
+                                              np.concatenate([y[:50][subset], y[rows]]))
+        np.testing.assert_allclose(coef[i], ridge.coef_, rtol=1e-6, atol=1e-9)
+        assert intercept[i] == pytest.approx(ridge.intercept_, abs=1e-8)
 
 
-def test_member_systems_are_not_kept_above_their_memory_cap(monkeypatch):
+def test_member_systems_keep_the_factors_their_memory_budget_allows_and_refit_the_rest(monkeypatch):
+    """Within ``GRACEQ_STEERING_KEPT_MIB`` the first members' factors are kept; the others are
+    refitted at every decision: the committee is the same (scikit-learn's), whichever way."""
+    from graceq import model as model_module
+
     rng = np.random.default_rng(12)
-    X, y = soap_like(rng, 40, 10, 0.3)
-    monkeypatch.setattr(MemberSystems, "MAX_BYTES", MemberSystems.nbytes(8, 15) - 1)
-    assert member_systems(CommitteeRidge(n_members=8).fit(X[:30], y[:30])) is None   # n_sub 15
-    assert member_systems(CommitteeRidge(n_members=8).fit(X[:28], y[:28])) is not None  # n_sub 14
+    X, y = soap_like(rng, 60, 25, 0.3)
+    monkeypatch.setattr(model_module, "_STEERING_KEPT_BYTES", 3 * MemberSystems.member_bytes(15) + 1)
+    partly = CommitteeRidge(n_members=8, random_state=4).fit(X[:30], y[:30])    # n_sub 15: 3 of 8 kept
+    systems = member_systems(partly)
+    assert systems.kept == 3 and systems.L.shape == (3, 15, 15)
+    coef, intercept = systems.border(X[:30], X[30:36]).members(y[30:36])
+    for i, subset in enumerate(partly.subsets_):
+        ridge = Ridge(alpha=partly.alpha_).fit(np.vstack([X[:30][subset], X[30:36]]),
+                                               np.concatenate([y[:30][subset], y[30:36]]))
+        np.testing.assert_allclose(coef[i], ridge.coef_, rtol=1e-6, atol=1e-9)
+        assert intercept[i] == pytest.approx(ridge.intercept_, abs=1e-8)
+    monkeypatch.setattr(model_module, "_STEERING_KEPT_BYTES", MemberSystems.member_bytes(15) - 1)
+    assert member_systems(CommitteeRidge(n_members=8).fit(X[:30], y[:30])) is None    # not one member fits
 
 
 def test_committee_mean_and_std_are_those_of_the_members_predictions():

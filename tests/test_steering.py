@@ -202,7 +202,8 @@ def test_the_bordered_update_makes_the_decision_member_refits_make(monkeypatch):
     """The decision borders the fit's factorised member systems with the rows since the fit and the
     pending jobs; with the systems over their memory cap it refits every member instead (the
     literal recipe): same committees, same picks, same stop statistics."""
-    from graceq.model import MemberSystems, member_systems
+    from graceq import model as model_module
+    from graceq.model import member_systems
 
     X, y, view, settings = _view_and_settings(labelled=50)
     fitted = _committee(X, y, np.arange(40), np.arange(40, 45))   # rows 45..49 arrived since the fit
@@ -211,7 +212,7 @@ def test_the_bordered_update_makes_the_decision_member_refits_make(monkeypatch):
     bordered = steering.decide_on_arrival(sent, fitted, X, settings, 3, range(45), pending, free_slots=2)
     assert member_systems(fitted) is not None
     believed = steering.believed_committee(sent, fitted, X, range(45), pending, member_systems(fitted))
-    monkeypatch.setattr(MemberSystems, "MAX_BYTES", 0)
+    monkeypatch.setattr(model_module, "_STEERING_KEPT_BYTES", 0)
     refitted_model = _committee(X, y, np.arange(40), np.arange(40, 45))
     refitted = steering.decide_on_arrival(sent, refitted_model, X, settings, 3, range(45), pending, free_slots=2)
     assert member_systems(refitted_model) is None
