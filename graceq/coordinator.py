@@ -536,12 +536,18 @@ class Coordinator:
         """Every recorded decision made again from the arrival log: {decision: picks} (for checks)."""
         from graceq import app as app_module
 
-        if self.dispatcher is None:  # the fits are on disk: nothing is sent
+        own = self.dispatcher is None
+        if own:  # the fits are on disk: nothing is sent
             app_module.configure(embedded_dir=self.paths.broker)
             self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names)
-        features = np.load(self.paths.features)
-        return {it["iteration"]: self.decide_on_arrival(it["iteration"], features, persist=False).picks.tolist()
-                for it in self.store.iterations()}
+        try:
+            features = np.load(self.paths.features)
+            return {it["iteration"]: self.decide_on_arrival(it["iteration"], features, persist=False).picks.tolist()
+                    for it in self.store.iterations()}
+        finally:
+            if own:  # its doorbell, if it rang one up, stops listening
+                self.dispatcher.close()
+                self.dispatcher = None
 
     def _async_loop(self, write_summary) -> dict:
         """Asynchronous mode: keep `slots` jobs in flight; decide after every arrival.
