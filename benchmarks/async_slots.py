@@ -29,7 +29,10 @@ minimum measured) with a rule that never fires if the stop came first. Figures p
 slot-hours / slot-hours until then); ``wall_h_at_stop``, ``calls_at_stop`` and
 ``utilisation_at_stop`` (the issue's definition: busy slot-hours / slot-hours until the stop, the
 jobs running then counted up to the stop, as ``cancel_on_stop`` cancels them), ``stop`` (the
-decision's: "converged" when the rule held, "budget" or "pool exhausted"). Fitting and
+decision's: "converged" when the rule held, "budget" or "pool exhausted"), ``idle_at_stop``
+(the idle share of the slot-hours until the stop by cause: ``round``, slots waiting for a round's
+slowest job; ``nothing_left``, every structure sent or the budget reached; ``paused``, async
+sending nothing because the committee that believes the running jobs would stop). Fitting and
 deciding cost no simulated time; their real cost is measured separately as
 ``decision_s_per_arrival_100k``: one arrival decision on a 100,000-structure pool with 1,000
 labelled and N - 1 jobs pending (synthetic features of the bundled pool's width).
@@ -79,6 +82,14 @@ class Simulation:
         self.sent: list[int] = []
         self.n_arrived = 0
         self.initial_done_h: float | None = None    # when the n_initial-th result came back (the first fit)
+        self.idle_h: dict[str, float] = {}          # idle slot-hours, by why the slots were idle
+        self.why_idle = "round"                     # set by the runner after each decision
+
+    def idle_why(self, n_pool: int, budget: int | None) -> str:
+        """Why slots are idle now, in async mode: nothing left to send (every structure sent, or
+        the budget), else the campaign sent nothing (the committee believing the running jobs
+        would stop)."""
+        return "nothing_left" if len(self.sent) >= min(n_pool, budget or n_pool) else "paused"
 
     def send(self, idx: int) -> None:
         assert len(self.running) < self.slots
@@ -87,6 +98,9 @@ class Simulation:
         self.sent.append(int(idx))
 
     def next_arrival(self) -> int:
+        end = self.running[0][0]
+        if len(self.running) < self.slots:
+            self.idle_h[self.why_idle] = self.idle_h.get(self.why_idle, 0.0) + (self.slots - len(self.running)) * (end - self.clock)
         end, idx = heapq.heappop(self.running)
         self.clock = end
         self.n_arrived += 1
@@ -157,7 +171,9 @@ def _at_stop(sim: Simulation, reason: str) -> dict:
     its clock, the jobs sent, and the utilisation until then (the jobs still running count up to
     that moment: ``cancel_on_stop`` cancels them)."""
     return {"wall_h_at_stop": round(sim.clock, 2), "calls_at_stop": len(sim.sent),
-            "utilisation_at_stop": round(sim.utilisation(), 4), "stop": reason}
+            "utilisation_at_stop": round(sim.utilisation(), 4), "stop": reason,
+            # the idle share until the stop, by cause (sums to 1 - utilisation_at_stop)
+            "idle_at_stop": {why: round(h / (sim.slots * sim.clock), 4) for why, h in sorted(sim.idle_h.items())}}
 
 
 def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
@@ -232,6 +248,7 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
     while True:
         while queue and len(sim.running) < slots:
             sim.send(queue.pop(0))
+        sim.why_idle = "before_first_fit" if len(arrived) < n0 else sim.idle_why(len(pool), c.budget)
         if not sim.running:
             if window is None:
                 return _figures(sim, set(), arrived)
