@@ -183,26 +183,37 @@ def growing(model: CommitteeRidge, X_extra: np.ndarray, systems: MemberSystems |
     return grown
 
 
-def _since_fit(view: cp.CampaignView, fitted_rows, pending):
-    """``(new, pending)``: the measured rows the committee was not fitted on (``fitted_rows``: its
-    train and test rows), and the pending jobs without a result, in the order they were picked."""
+def brought_up_to_date(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, fitted_rows, pending,
+                       systems: MemberSystems | None = None):
+    """``(measured, believing)``: the committee with the results since its fit added at their
+    labels, and a function that returns it with the pending jobs added too, at that committee's
+    predicted means (made only when asked: one bordering serves both).
+
+    ``fitted_rows``: pool indices the committee saw when it was fitted (train and test rows);
+    ``pending``: pool indices sent and without a result, in the order they were picked;
+    ``systems``: as in :func:`growing`.
+    """
     seen = set(int(i) for i in fitted_rows)
     new = np.array([i for i in view.stable_rows() if int(i) not in seen], dtype=int)
-    return new, np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
+    running = np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
+    rows = np.concatenate([new, running])
+    grown = growing(model, features[rows], systems, rows)
+    y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
+    measured = grown(y_new, len(new))
+
+    def believing() -> CommitteeRidge:
+        if not len(running):
+            return measured
+        return grown(np.concatenate([y_new, measured.predict(features[running])]), len(rows))
+
+    return measured, believing
 
 
 def believed_committee(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray,
                        fitted_rows, pending, systems: MemberSystems | None = None) -> CommitteeRidge:
     """The committee brought up to date: results since its fit at their labels, then pending jobs
-    believed at the predicted means of that committee (``systems``: as in :func:`growing`)."""
-    new, pending = _since_fit(view, fitted_rows, pending)
-    rows = np.concatenate([new, pending])
-    grown = growing(model, features[rows], systems, rows)
-    y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
-    measured = grown(y_new, len(new))
-    if not len(pending):
-        return measured
-    return grown(np.concatenate([y_new, measured.predict(features[pending])]), len(new) + len(pending))
+    believed at the predicted means of that committee."""
+    return brought_up_to_date(view, model, features, fitted_rows, pending, systems)[1]()
 
 
 def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, settings,
@@ -243,11 +254,7 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
         if span.useful:
             model = span.committee(model, fitted_rows[:n_train])
             features = span.Z
-    new, running_rows = _since_fit(view, fitted_rows, pending)
-    rows = np.concatenate([new, running_rows])
-    grown = growing(model, features[rows], systems, rows)   # one bordering, two committees
-    y_new = view.delta_per_atom(new) if len(new) else np.empty(0)
-    measured_model = grown(y_new, len(new))
+    measured_model, believing = brought_up_to_date(view, model, features, fitted_rows, pending, systems)
     n_batch = max(int(free_slots), 1)
     c = settings.campaign.model_copy(update={"n_batch": n_batch})
     narrowed = settings.model_copy(update={"campaign": c})
@@ -263,10 +270,8 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
         stop = "budget"
     picks, pick_ei = check.picks[:0], check.pick_ei[:0]
     if stop is None and free_slots > 0:
-        if pending:  # = believed_committee(view, model, features, fitted_rows, pending, systems)
-            believing = grown(np.concatenate([y_new, measured_model.predict(features[running_rows])]),
-                              len(new) + len(running_rows))
-            chosen = cp.decide(view, believing, features, narrowed, decision)
+        if pending:
+            chosen = cp.decide(view, believing(), features, narrowed, decision)
             picks, pick_ei = chosen.picks, chosen.pick_ei
         else:
             picks, pick_ei = check.picks, check.pick_ei
