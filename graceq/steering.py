@@ -183,6 +183,13 @@ def growing(model: CommitteeRidge, X_extra: np.ndarray, systems: MemberSystems |
     return grown
 
 
+def since_fit(view: cp.CampaignView, fitted_rows) -> list[int]:
+    """The measured stable rows a committee was not fitted on (``fitted_rows``: its train and test
+    rows), in the order they arrived."""
+    seen = set(int(i) for i in fitted_rows)
+    return [int(i) for i in view.stable_rows() if int(i) not in seen]
+
+
 def brought_up_to_date(view: cp.CampaignView, model: CommitteeRidge, features: np.ndarray, fitted_rows, pending,
                        systems: MemberSystems | None = None):
     """``(measured, believing)``: the committee with the results since its fit added at their
@@ -193,8 +200,7 @@ def brought_up_to_date(view: cp.CampaignView, model: CommitteeRidge, features: n
     ``pending``: pool indices sent and without a result, in the order they were picked;
     ``systems``: as in :func:`growing`.
     """
-    seen = set(int(i) for i in fitted_rows)
-    new = np.array([i for i in view.stable_rows() if int(i) not in seen], dtype=int)
+    new = np.array(since_fit(view, fitted_rows), dtype=int)
     running = np.asarray([int(i) for i in pending if int(i) not in view.results], dtype=int)
     rows = np.concatenate([new, running])
     grown = growing(model, features[rows], systems, rows)
@@ -247,10 +253,9 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
     in_span = free_slots <= 1 or settings.campaign.acquisition not in cp.BELIEVES_WITHIN_BATCH
     if span is not None and in_span:
         fitted_rows = [int(i) for i in fitted_rows]
-        seen = set(fitted_rows)
         n_train = len(model.y_train_)
         # the rows the members are fitted on here: the fit's train rows, the results since, the pending jobs
-        span.cover(fitted_rows[:n_train] + [int(i) for i in view.stable_rows() if int(i) not in seen] + pending)
+        span.cover(fitted_rows[:n_train] + since_fit(view, fitted_rows) + pending)
         if span.useful:
             model = span.committee(model, fitted_rows[:n_train])
             features = span.Z
