@@ -273,16 +273,12 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
     stop = check.stop
     if stop is None and n_calls >= budget:
         stop = "budget"
-    picks, pick_ei = check.picks[:0], check.pick_ei[:0]
+    picks, pick_ei, forecaster = check.picks[:0], check.pick_ei[:0], None
     if stop is None and free_slots > 0:
-        if pending:
-            chosen = cp.decide(view, believing(), features, narrowed, decision)
-            picks, pick_ei = chosen.picks, chosen.pick_ei
-        else:
-            picks, pick_ei = check.picks, check.pick_ei
-        picks, pick_ei = picks[:free_slots], pick_ei[:free_slots]
+        chosen = cp.decide(view, believing(), features, narrowed, decision) if pending else check
+        picks, pick_ei, forecaster = chosen.picks[:free_slots], chosen.pick_ei[:free_slots], chosen.stats.forecaster
     stats = _updated(check.stats, n_reference_calls=int(n_calls), n_pending=len(pending),
-                     n_next=int(len(picks)), stop=stop)
+                     n_next=int(len(picks)), stop=stop, forecaster=forecaster)
     return cp.Decision(stats, check.mu, check.sigma, check.ei, picks, pick_ei, stop)
 
 

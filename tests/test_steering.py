@@ -224,3 +224,19 @@ def test_the_bordered_update_makes_the_decision_member_refits_make(monkeypatch):
     np.testing.assert_allclose(believed.coef_, literal.coef_, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(believed.intercept_, literal.intercept_, rtol=1e-7, atol=1e-10)
     np.testing.assert_array_equal(believed.subsets_, literal.subsets_)
+
+
+def test_an_arrival_decision_with_jobs_pending_records_the_forecaster_that_ranked_its_picks():
+    """The picks of a decision with jobs pending come from the believing committee's decision: its
+    record must name the forecaster that ranked them (p_window), as a batch decision's does."""
+    X, y, view, settings = _view_and_settings(labelled=50)
+    settings.campaign.acquisition = "p_window"
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    pending = [60, 61]
+    view = cp.CampaignView(view.n_atoms, view.energy_ff, view.atoms_per_molecule, view.picks + pending, view.results)
+    decision = steering.decide_on_arrival(view, model, X, settings, 7, fitted_rows=range(50), pending=pending,
+                                          free_slots=2)
+    assert len(decision.picks) == 2 and decision.stats.forecaster == "committee"
+    stopped = steering.decide_on_arrival(view, model, X, settings, 7, fitted_rows=range(50), pending=pending,
+                                         free_slots=0)
+    assert len(stopped.picks) == 0 and stopped.stats.forecaster is None
