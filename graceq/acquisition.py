@@ -42,9 +42,7 @@ import os
 import numpy as np
 from scipy.special import erfcx, ndtr
 from sklearn.linear_model import Ridge
-from threadpoolctl import threadpool_limits
-
-from graceq.model import in_slices
+from graceq.model import in_slices, one_blas_thread
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 # Pool rows per block in set-up products (bounds temporaries to _BLOCK x n_train floats).
@@ -162,7 +160,7 @@ def _kb_literal(model, b):
         believed_y.append(F[row].mean())
         if len(b.picks) == b.n_batch:
             break
-        with threadpool_limits(1):      # small fits: 2 BLAS threads spin and run 20x slower under load
+        with one_blas_thread():      # small fits: 2 BLAS threads spin and run 20x slower under load
             for i, rows in enumerate(model.subsets_):
                 ridge = Ridge(alpha=alpha).fit(np.vstack([X_tr[rows], believed_X]),
                                                np.concatenate([y_tr[rows], believed_y]))
@@ -190,7 +188,7 @@ class _PrimalMembers:
             for i in range(first, last):
                 self.Ainv[i] = np.linalg.inv(self._matrix(i))
 
-        with threadpool_limits(1):
+        with one_blas_thread():
             in_slices(invert, self.kept)
 
     def _matrix(self, i):
@@ -215,7 +213,7 @@ class _PrimalMembers:
                 h[self.kept + i] = cho_solve(cho_factor(self._matrix(self.kept + i), check_finite=False), xa,
                                              check_finite=False)
 
-        with threadpool_limits(1):
+        with one_blas_thread():
             in_slices(streamed, m - self.kept)
         return h
 
@@ -298,7 +296,7 @@ def _kb_fast(model, b):
         return F
 
     # per pick: small products and matrix-vector products only, where BLAS threads just spin
-    with threadpool_limits(1):
+    with one_blas_thread():
         for j in range(b.n_batch):
             if j == 0:
                 row, best_ei = _argmax_open(ei0, b.open)
@@ -385,7 +383,7 @@ class _DualMembers:
                 M[:, 1:, 1:] = G[idx[:, :, None], idx[:, None, :]] + alpha * np.eye(n_sub)
                 self.Minv0[lo:lo + len(idx)] = np.linalg.inv(M)
 
-        with threadpool_limits(1):                      # batched small LAPACK calls: threads only spin
+        with one_blas_thread():                      # batched small LAPACK calls: threads only spin
             in_slices(invert, self.kept)
 
     def solve(self, c, out):

@@ -15,7 +15,9 @@ lambdas; all members from one Gram matrix).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -32,9 +34,34 @@ DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-10, 1, 12))
 _THREADPOOLS = ThreadpoolController()
 
 
-def _one_thread():
-    """Single-threaded BLAS within a block (batched small solves: more threads only spin)."""
-    return _THREADPOOLS.limit(limits=1)
+_BLAS_LOCK = threading.Lock()
+_BLAS_HELD: dict = {"pid": None, "blocks": 0, "limiter": None}
+
+
+@contextmanager
+def one_blas_thread():
+    """Single-threaded BLAS within a block (batched small solves: more threads only spin).
+
+    BLAS libraries have one thread setting per process, so the blocks of all threads share one
+    limit: set when the first block starts, restored when the last one ends. Each thread's own
+    threadpoolctl limit would restore the setting it found on entry, and blocks that overlap in two
+    threads (the coordinator's fit thread and its decisions) would then leave the process at one
+    BLAS thread for good.
+    """
+    with _BLAS_LOCK:
+        if _BLAS_HELD["pid"] != os.getpid():        # a forked child holds none of its parent's blocks
+            _BLAS_HELD.update(pid=os.getpid(), blocks=0, limiter=None)
+        if _BLAS_HELD["blocks"] == 0:
+            _BLAS_HELD["limiter"] = _THREADPOOLS.limit(limits=1)
+        _BLAS_HELD["blocks"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_HELD["blocks"] -= 1
+            if _BLAS_HELD["blocks"] == 0:
+                _BLAS_HELD["limiter"].restore_original_limits()
+                _BLAS_HELD["limiter"] = None
 
 
 _THREADS: dict[int, ThreadPoolExecutor] = {}  # one pool per process: a forked child has none of its parent's threads
@@ -187,7 +214,7 @@ def _chunked(chunk, m):
             chunk(lo, min(lo + _MEMBER_CHUNK, last))
 
     blocks = -(-m // _MEMBER_CHUNK)
-    with _one_thread():
+    with one_blas_thread():
         in_slices(lambda a, b: run(a * _MEMBER_CHUNK, min(b * _MEMBER_CHUNK, m)), blocks)
 
 

@@ -1,5 +1,7 @@
 """CommitteeRidge against scikit-learn: lambda choice, every member, calibration formula."""
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
@@ -235,3 +237,63 @@ def test_committee_mean_and_std_are_those_of_the_members_predictions():
     np.testing.assert_allclose(mean, members.mean(axis=1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(std, model.calibration_ * members.std(axis=1, ddof=1), rtol=1e-10)
     np.testing.assert_allclose(model.predict(X), mean, rtol=1e-12, atol=1e-12)
+
+
+_OVERLAPPING_BLOCKS = """
+import threading
+from threadpoolctl import ThreadpoolController
+from graceq.model import one_blas_thread
+
+controller = ThreadpoolController()
+
+
+def blas_threads():
+    return max([info["num_threads"] for info in controller.select(user_api="blas").info()], default=0)
+
+
+before = blas_threads()
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+inside = []
+
+
+def first():
+    with one_blas_thread():
+        a_in.set()
+        b_in.wait(10)
+    a_out.set()
+
+
+def second():
+    a_in.wait(10)
+    with one_blas_thread():
+        b_in.set()
+        a_out.wait(10)
+        inside.append(blas_threads())
+
+
+threads = [threading.Thread(target=first), threading.Thread(target=second)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(20)
+print(before, inside[0], blas_threads())
+"""
+
+
+def test_blocks_of_single_threaded_blas_in_two_threads_give_the_threads_back_when_both_end():
+    """The coordinator's fit thread and its decisions each run blocks of single-threaded BLAS. BLAS
+    has one thread setting per process: when the blocks overlap (A starts, B starts, A ends, B
+    ends), B must still run on one thread after A's end, and the setting must come back to what it
+    was when B ends, not stay at the 1 that B found on entry. In a fresh interpreter (OpenBLAS
+    ignores a thread's setting once the main thread has set one, as earlier tests would have)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _OVERLAPPING_BLOCKS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, inside, after = (int(v) for v in out.stdout.split())
+    if before < 2:
+        pytest.skip(f"BLAS runs {before} thread(s) here: nothing to limit")
+    assert (inside, after) == (1, before)
