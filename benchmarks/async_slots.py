@@ -160,6 +160,9 @@ def _figures(sim: Simulation, window: set, arrived: list) -> dict:
     after = sim.initial_done_h
     return {"wall_h_to_full_recall": round(sim.clock, 2), "calls_to_full_recall": len(sim.sent),
             "utilisation": round(sim.utilisation(), 4), "results_at_full_recall": len(arrived),
+            # pick quality apart from the wait: jobs sent when the last window structure was sent
+            # (the rest of calls_to_full_recall were sent while window jobs still ran)
+            "calls_to_send_every_window_structure": 1 + max(sim.sent.index(i) for i in window) if window else 0,
             # where the time goes: until the first fit (sync: the whole initial batch; async: n_init results)
             "initial_batch_h": None if after is None else round(after, 2),
             "utilisation_after_initial_batch": None if after is None or after >= sim.clock
