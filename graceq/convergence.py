@@ -236,6 +236,13 @@ def expected_missed(mu, spread, threshold: float, laws) -> tuple[float, ErrorLaw
 #: between, each a location and a scale per structure (energy per molecule); the first, the
 #: campaign's committee, ranks unless the measurements show another to forecast better
 FORECASTERS = ("committee", "committee_mean", "force_field")
+#: what ranks the picks under each forecaster, in words (``graceq status``)
+FORECASTER_MEANING = {
+    "committee": "the committee's probability of the window (its mean and spread)",
+    "committee_mean": "the committee's mean alone (its mean has forecast the measured energies better "
+                      "than its mean and spread)",
+    "force_field": "the force field's energy (it has forecast the measured energies better than the committee)",
+}
 #: confidence at which a forecaster must beat the committee to rank the batch (Vuong's test)
 SWITCH_CONFIDENCE = 0.95
 

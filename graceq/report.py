@@ -179,7 +179,7 @@ def write_summary(root: str | Path) -> dict:
             {k: it.get(k) for k in ("iteration", "risk", "p_conv", "residual", "n_expected", "test_rmse",
                                     "calibration", "ridge_lambda", "error_law_df", "error_law_scale",
                                     "n_prospective", "n_labelled", "n_train", "n_reference_calls", "best",
-                                    "max_ei")}
+                                    "max_ei", "forecaster")}
             for it in iterations
         ],
     }
@@ -225,6 +225,10 @@ def status_lines(root: str | Path) -> list[str]:
             f"{it.get('ridge_lambda', it.get('lambda')):.1e}, calibration "
             f"{it.get('calibration', it.get('alpha')):.2f}, {it['n_train']} training structures",
         ]
+        if it.get("forecaster"):   # p_window: which forecaster ranked the last picks, and why
+            from graceq.convergence import FORECASTER_MEANING
+
+            lines.append(f"ranking    by {FORECASTER_MEANING.get(it['forecaster'], it['forecaster'])}")
         from graceq.polymorphs import campaign_duplicates
 
         dups = campaign_duplicates(paths.root, scope="window")

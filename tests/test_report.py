@@ -358,3 +358,16 @@ def test_report_html_provenance(campaign):
     settings = page[page.index("<pre id='settings'>"):]
     assert "[campaign]" in settings and "window = 5.0" in settings
     assert "unique crystals" in page
+
+
+def test_status_says_what_ranks_the_picks(campaign):
+    """p_window ranks by one of three forecasters: the summary records it for every iteration and
+    `graceq status` says in words which one ranked the last picks."""
+    from graceq.convergence import FORECASTER_MEANING
+
+    summary = json.loads((campaign / "summary.json").read_text())
+    named = [it["forecaster"] for it in summary["iterations"] if it.get("forecaster")]
+    assert named and set(named) <= set(FORECASTER_MEANING)
+    out = run_cli("status", str(campaign)).stdout
+    last = summary["iterations"][-1]["forecaster"]
+    assert f"ranking    by {FORECASTER_MEANING[last]}" in out
