@@ -53,7 +53,8 @@ class CampaignSection(_Section):
     p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description='stop when p_conv reaches this (stop_rule = "p_conv")')
     acquisition: Literal["p_window", "ei", "greedy"] = Field(
         "p_window", description='"p_window": each batch the structures most likely to lie in the window, by the '
-        "committee, or by its mean or the force field when the measurements show them to forecast better; "
+        "committee, or by its mean or the force field when the measurements show them to forecast better "
+        "(`graceq status` says which ranks: `ranking`; `forecaster` in `summary.json`'s iterations); "
         '"ei": Expected Improvement with a Kriging-Believer batch (the seed\'s recipe); "greedy": the lowest '
         "predicted energies",
     )
