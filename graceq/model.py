@@ -23,8 +23,9 @@ import numpy as np
 from scipy.linalg import solve_triangular
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.model_selection import KFold
-from threadpoolctl import ThreadpoolController
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
+import threadpoolctl
+from threadpoolctl import ThreadpoolController
 
 # A tuple (not an array) so that scikit-learn can compare it with a parameter in repr/clone.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-10, 1, 12))
@@ -38,21 +39,39 @@ _BLAS_LOCK = threading.Lock()
 _BLAS_HELD: dict = {"pid": None, "blocks": 0, "limiter": None}
 
 
+def _release_blas_control():
+    """Let any thread set OpenBLAS's thread count next.
+
+    threadpoolctl 3.8 lets only one thread at a time change OpenBLAS's process-wide setting (the
+    first to set it, until its own limit block ends or it exits) and silently ignores the others.
+    one_blas_thread's sets and restores are already serialised by _BLAS_LOCK, so each of them may
+    come from a different thread: without this, a restore from a thread other than the one that set
+    the limit is dropped while that thread lives, and the process stays at one BLAS thread.
+    Earlier threadpoolctl versions have no controlling thread and nothing to release.
+    """
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
 @contextmanager
 def one_blas_thread():
     """Single-threaded BLAS within a block (batched small solves: more threads only spin).
 
     BLAS libraries have one thread setting per process, so the blocks of all threads share one
-    limit: set when the first block starts, restored when the last one ends. Each thread's own
-    threadpoolctl limit would restore the setting it found on entry, and blocks that overlap in two
-    threads (the coordinator's fit thread and its decisions) would then leave the process at one
-    BLAS thread for good.
+    limit: set when the first block starts, restored when the last one ends (whichever threads
+    those are). Each thread's own threadpoolctl limit would restore the setting it found on entry,
+    and blocks that overlap in two threads (the coordinator's fit thread and its decisions) would
+    then leave the process at one BLAS thread for good.
     """
     with _BLAS_LOCK:
         if _BLAS_HELD["pid"] != os.getpid():        # a forked child holds none of its parent's blocks
             _BLAS_HELD.update(pid=os.getpid(), blocks=0, limiter=None)
         if _BLAS_HELD["blocks"] == 0:
+            _release_blas_control()
             _BLAS_HELD["limiter"] = _THREADPOOLS.limit(limits=1)
+            _release_blas_control()
         _BLAS_HELD["blocks"] += 1
     try:
         yield
@@ -60,7 +79,9 @@ def one_blas_thread():
         with _BLAS_LOCK:
             _BLAS_HELD["blocks"] -= 1
             if _BLAS_HELD["blocks"] == 0:
+                _release_blas_control()
                 _BLAS_HELD["limiter"].restore_original_limits()
+                _release_blas_control()
                 _BLAS_HELD["limiter"] = None
 
 
