@@ -74,7 +74,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
-from threadpoolctl import threadpool_limits
+
+from graceq.model import one_blas_thread
 
 __all__ = ["species_of", "soap_hypers", "CompressedSoap"]
 
@@ -505,9 +506,11 @@ def _single_threaded_blas():
 
     The products are small (25 x 25 outputs); a multi-threaded BLAS gains nothing on them, and its
     spinning threads starve featomic's rayon threads on a busy machine (measured: 10x slower
-    featurisation with 2 BLAS threads on an oversubscribed 2-core worker).
+    featurisation with 2 BLAS threads on an oversubscribed 2-core worker). The process-wide block
+    of ``graceq.model``, so that a featurisation and a fit in two threads of one process share
+    one limit instead of restoring each other's.
     """
-    return threadpool_limits(limits=1, user_api="blas")
+    return one_blas_thread()
 
 
 def _blocks(expansion):
