@@ -36,7 +36,19 @@ _THREADPOOLS = ThreadpoolController()
 
 
 _BLAS_LOCK = threading.Lock()
-_BLAS_HELD: dict = {"pid": None, "blocks": 0, "limiter": None}
+_BLAS_HELD: dict = {"blocks": 0, "limiter": None}
+
+
+def _forget_blas_blocks_in_child():
+    """A forked child holds none of its parent's blocks, and a lock that another thread of the
+    parent held at the fork would never be released in the child."""
+    global _BLAS_LOCK
+    _BLAS_LOCK = threading.Lock()
+    _BLAS_HELD.update(blocks=0, limiter=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_blas_blocks_in_child)
 
 
 def _release_blas_control():
@@ -66,8 +78,6 @@ def one_blas_thread():
     then leave the process at one BLAS thread for good.
     """
     with _BLAS_LOCK:
-        if _BLAS_HELD["pid"] != os.getpid():        # a forked child holds none of its parent's blocks
-            _BLAS_HELD.update(pid=os.getpid(), blocks=0, limiter=None)
         if _BLAS_HELD["blocks"] == 0:
             _release_blas_control()
             _BLAS_HELD["limiter"] = _THREADPOOLS.limit(limits=1)
@@ -77,12 +87,13 @@ def one_blas_thread():
         yield
     finally:
         with _BLAS_LOCK:
-            _BLAS_HELD["blocks"] -= 1
-            if _BLAS_HELD["blocks"] == 0:
-                _release_blas_control()
-                _BLAS_HELD["limiter"].restore_original_limits()
-                _release_blas_control()
-                _BLAS_HELD["limiter"] = None
+            if _BLAS_HELD["blocks"] > 0:            # 0: a block entered before a fork, left in the child
+                _BLAS_HELD["blocks"] -= 1
+                if _BLAS_HELD["blocks"] == 0:
+                    _release_blas_control()
+                    _BLAS_HELD["limiter"].restore_original_limits()
+                    _release_blas_control()
+                    _BLAS_HELD["limiter"] = None
 
 
 _THREADS: dict[int, ThreadPoolExecutor] = {}  # one pool per process: a forked child has none of its parent's threads

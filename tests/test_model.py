@@ -307,3 +307,50 @@ def test_blocks_of_single_threaded_blas_in_two_threads_give_the_threads_back_whe
     if before < 2:
         pytest.skip(f"BLAS runs {before} thread(s) here: nothing to limit")
     assert (inside, after, later_inside, later_after, final) == (1, before, 1, before, before)
+
+
+_FORK_WHILE_HELD = """
+import os, signal, threading, time
+import graceq.model as model
+
+held, release = threading.Event(), threading.Event()
+
+
+def holder():
+    with model._BLAS_LOCK:          # another thread is inside one_blas_thread's bookkeeping at the fork
+        held.set()
+        release.wait(30)
+
+
+threading.Thread(target=holder, daemon=True).start()
+held.wait(10)
+pid = os.fork()
+if pid == 0:
+    with model.one_blas_thread():
+        pass
+    os._exit(0)
+for _ in range(200):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    status = -1
+release.set()
+print(status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_holds_the_blas_bookkeeping_does_not_deadlock():
+    """A Celery prefork child (or any fork) may be made while another thread of the parent is
+    inside one_blas_thread's lock: the child gets its own lock and no blocks, and its first
+    block runs (within 10 s) instead of waiting forever for a thread that does not exist there."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FORK_WHILE_HELD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 0, "the forked child deadlocked on the parent's BLAS lock"
