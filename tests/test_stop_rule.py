@@ -27,7 +27,7 @@ def test_error_laws_maximise_the_t_likelihood():
         grid = law.scale * np.exp(np.linspace(-0.05, 0.05, 201))
         direct = [np.sum(stats.t.logpdf(z / s, law.df)) - len(z) * np.log(s) for s in grid]
         assert law.loglik(z) >= max(direct) - 1e-6
-    profile = [conv._profile_scale(z, df) for df in conv.DF_GRID]
+    profile = conv._profile(z)
     best = max(profile, key=lambda law: law.loglik(z))
     assert any(law.df == best.df for law in laws)
     only = conv.error_laws(z, confidence=0.0)
@@ -38,6 +38,27 @@ def test_error_laws_maximise_the_t_likelihood():
     for law in profile:
         assert (law.loglik(z) >= cut) == (law.df in kept)
     assert 2.0 < best.df < 6.0 and 1.3 < best.scale < 2.2     # it finds the law it was drawn from
+
+
+@pytest.mark.parametrize("case", ["t3", "normal", "cauchy with an outlier", "few, in tied pairs"])
+def test_the_profiled_scales_are_those_of_a_one_dimensional_search(case):
+    """The vectorised Newton profile against the slow, obvious reference: for every degree of
+    freedom, scipy's bounded scalar search on the t log-likelihood (scipy.stats.t.logpdf) over a
+    range wide enough to hold the maximum."""
+    from scipy import optimize
+
+    rng = np.random.default_rng(5)
+    z = {"t3": rng.standard_t(3.0, 300) * 1.7,
+         "normal": rng.normal(size=40) * 0.3,
+         "cauchy with an outlier": np.append(rng.standard_cauchy(60) * 0.01, 4.0e3),
+         "few, in tied pairs": np.repeat(rng.normal(size=conv.MIN_PROSPECTIVE // 2) * 4.0, 2)}[case]
+    for law in conv._profile(z):
+        s0 = np.log(np.sqrt(np.mean(z * z)))
+        reference = optimize.minimize_scalar(
+            lambda s: -(np.sum(stats.t.logpdf(z * np.exp(-s), law.df)) - len(z) * s),
+            bounds=(s0 - 20.0, s0 + 5.0), method="bounded", options={"xatol": 1e-11})
+        assert np.log(law.scale) == pytest.approx(reference.x, abs=1e-6), law.df
+        assert law.loglik(z) >= -reference.fun - 1e-9
 
 
 def test_expected_missed_is_the_direct_sum_and_the_largest_over_the_laws():
