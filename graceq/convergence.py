@@ -184,12 +184,15 @@ def _profile(z: np.ndarray, dfs=DF_GRID) -> list[ErrorLaw]:
 
     In ``s = log(scale)`` the log-likelihood ``sum_i [-s - (df+1)/2 log(1 + u_i/df)]``,
     ``u_i = z_i^2 exp(-2 s)``, is strictly concave: its derivative, the score
-    ``sum_i (df+1) u_i / (df+u_i) - n``, falls from ``n df`` to ``-n`` as s grows, with slope
-    ``-2 sum_i (df+1) df u_i / (df+u_i)^2 < 0``. So the score has one root, the maximum, found
-    for every df at once by Newton's method kept inside a bracket where the score changes sign
-    (bisection when a step would leave it), to 1e-12 in s. A one-dimensional search per df
-    (scipy.optimize.minimize_scalar, the reference in the tests) gives the same scales and took
-    most of an arrival's decision on a small pool.
+    ``sum_i (df+1) u_i / (df+u_i) - n``, falls as s grows (slope
+    ``-2 sum_i (df+1) df u_i / (df+u_i)^2 < 0``) to ``-n``. So the score has at most one root, the
+    maximum. It lies below ``s0 + 0.35``, ``s0`` the log of the errors' RMS (at the root
+    ``n <= (df+1)/df sum_i u_i``), and is sought above ``s0 - 50``: lower, only errors that are
+    exactly 0 can hold it (they make the likelihood grow without bound as the scale shrinks), and
+    the search stops at that bound. Newton's method for every df at once, kept inside the
+    bracket where the score changes sign (bisection when a step would leave it), to 1e-12 in s.
+    A one-dimensional search per df (scipy.optimize.minimize_scalar, the reference in the tests)
+    gives the same scales and took most of an arrival's decision on a small pool.
     """
     z2 = np.asarray(z, dtype=np.float64) ** 2
     n = len(z2)
@@ -201,14 +204,9 @@ def _profile(z: np.ndarray, dfs=DF_GRID) -> list[ErrorLaw]:
         return np.sum(w * u, axis=1) - n, -2.0 * np.sum(w * u * nu / (nu + u), axis=1)
 
     s0 = 0.5 * np.log(np.mean(z2))
-    lo, hi = np.full(len(nu), s0 - 1.0), np.full(len(nu), s0 + 1.0)
-    for _ in range(200):                                 # widen until the score changes sign
-        f_lo, f_hi = score_and_slope(lo)[0], score_and_slope(hi)[0]
-        if np.all(f_lo > 0) and np.all(f_hi < 0):
-            break
-        lo, hi = np.where(f_lo > 0, lo, lo - (hi - lo)), np.where(f_hi < 0, hi, hi + (hi - lo))
-    s = np.clip(np.full(len(nu), s0), lo, hi)
-    for _ in range(200):
+    lo, hi = np.full(len(nu), s0 - 50.0), np.full(len(nu), s0 + 1.0)
+    s = np.full(len(nu), s0)
+    for _ in range(300):
         f, slope = score_and_slope(s)
         lo, hi = np.where(f > 0, s, lo), np.where(f > 0, hi, s)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -61,6 +61,17 @@ def test_the_profiled_scales_are_those_of_a_one_dimensional_search(case):
         assert law.loglik(z) >= -reference.fun - 1e-9
 
 
+def test_errors_that_are_exactly_zero_give_finite_laws():
+    """Half the errors exactly 0 (a replay or toy engine whose answers the model has learnt): the
+    heavy-tailed laws' likelihood grows without bound as the scale shrinks; the profile stops at its
+    bound with finite scales and likelihoods, and the stated risk stays a number."""
+    z = np.array([0.0] * 15 + [1.0, -2.0, 0.5, 3.0, -1.5])
+    profile = conv._profile(z)
+    assert all(np.isfinite(law.scale) and law.scale > 0 and np.isfinite(law.loglik(z)) for law in profile)
+    laws = conv.error_laws(z)
+    assert laws and np.isfinite(conv.expected_missed([1.0, 30.0], [1.0, 1.0], 5.0, laws)[0])
+
+
 def test_expected_missed_is_the_direct_sum_and_the_largest_over_the_laws():
     rng = np.random.default_rng(2)
     mu = rng.uniform(-3.0, 40.0, 500)
