@@ -303,7 +303,9 @@ def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
     env.update(GRACEQ_BROKER_FILE=str(broker_file), GRACEQ=" ".join(_graceq()), GRACEQ_QUEUES="dft")
     job_id = None
     try:
-        proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/pilot-%j.out", "--time=00:05:00",
+        # the limit must exceed the script's --signal=TERM@300 lead: with 5 min, slurmctld sends the
+        # warning signal at its first periodic check (0-30 s after the start) and cancels the worker step
+        proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/pilot-%j.out", "--time=00:10:00",
                                str(PILOT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
         assert proc.returncode == 0, proc.stderr
         job_id = proc.stdout.strip()
