@@ -344,7 +344,11 @@ def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: floa
     whose per-structure spreads really tell good predictions from bad ones could go below it:
     ``calls_spread_law`` is the floor of such a rule (errors standardised by the spread of a
     64-member committee fitted on the other folds), and the ``..._without_largest_error`` figures
-    say how much of either floor a single structure holds.
+    say how much of either floor a single structure holds. ``calls_height_law`` is the floor of a
+    rule whose error scale also grows with the structure's force-field height above the pool's
+    force-field minimum, ``sqrt(spread^2 + (kappa h)^2)`` (strained, high-lying minima are where
+    two levels of theory part most): the lowest over kappa in 10^-3 to 1 (31 log-spaced values),
+    a floor no such rule could beat even knowing the best kappa.
     Energies per molecule; unstable structures are left out (a campaign must rule them out too, so
     leaving them out only lowers the floor).
     """
@@ -375,12 +379,19 @@ def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: floa
     errors = e_ref - mu
     worst = int(np.argmin(errors / spread))
     rest = np.arange(len(idx)) != worst
+    height = e_ff - e_ff.min()
+    by_kappa = []
+    for kappa in np.logspace(-3, 0, 31):
+        scale = np.sqrt(spread ** 2 + (kappa * height) ** 2)
+        by_kappa.append((floor(errors / scale, (threshold - mu) / scale), float(kappa)))
+    height_calls, height_kappa = min(by_kappa)
     return {"calls": floor(errors, threshold - mu), "of": int(len(idx)), "risk": risk,
             "cv_rmse_per_molecule": round(float(np.sqrt(np.mean(errors ** 2))), 2),
             "error_percentiles_0_1_50_99_100": [round(float(v), 1) for v in np.percentile(errors, [0, 1, 50, 99, 100])],
             "calls_without_largest_error": floor(errors[np.arange(len(idx)) != int(np.argmin(errors))], threshold - mu),
             "calls_spread_law": floor(errors / spread, (threshold - mu) / spread),
             "calls_spread_law_without_largest_error": floor((errors / spread)[rest], (threshold - mu) / spread),
+            "calls_height_law": {"calls": height_calls, "kappa": round(height_kappa, 4)},
             "largest_standardised_error": {"structure": pool.names[idx[worst]], "error": round(float(errors[worst]), 1),
                                            "spread": round(float(spread[worst]), 2)}}
 
