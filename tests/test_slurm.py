@@ -335,3 +335,22 @@ def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
     assert "Warm shutdown" in output and "graceq-workers: done" in output
     assert output.count("graceq.noop") >= 20
     assert password not in output
+
+
+def test_pilot_job_warns_when_its_limit_is_within_the_stop_signal_lead(slurm, tmp_path):
+    """A limit of 5 min or less: SLURM sends the workers' TERM (--signal=TERM@300) at its next
+    periodic check, so the job says so in its output; a longer limit says nothing."""
+    broker_file = tmp_path / "broker_url"
+    broker_file.write_text("redis://127.0.0.1:1/0\n")
+    broker_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
+    env.update(GRACEQ_BROKER_FILE=str(broker_file), GRACEQ="true")   # the "workers" exit at once
+    outputs = {}
+    for limit in ("00:05:00", "00:10:00"):
+        proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path}/pilot-%j.out", f"--time={limit}",
+                               str(PILOT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outputs[limit] = (tmp_path / f"pilot-{proc.stdout.strip()}.out").read_text()
+    assert "warning" in outputs["00:05:00"] and "--time longer than 5 min" in outputs["00:05:00"]
+    assert "warning" not in outputs["00:10:00"]
+    assert all("graceq-workers: done" in out for out in outputs.values())
