@@ -288,6 +288,16 @@ def test_killed_coordinator_restarts_and_collects_every_job_once(slurm, sbatch_l
 
 
 # -- the pilot job of deploy/ ---------------------------------------------------------------------------
+def _pilot_env(folder: Path, broker: str, **extra) -> dict:
+    """The environment of an sbatch of the pilot job: the broker URL in a mode-600 file under
+    ``folder`` (never in the environment), and ``extra``."""
+    broker_file = folder / "broker_url"
+    broker_file.write_text(broker + "\n")
+    broker_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
+    return env | {"GRACEQ_BROKER_FILE": str(broker_file)} | extra
+
+
 def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
     password = secrets.token_hex(16)
     with socket.socket() as s:
@@ -296,11 +306,7 @@ def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
     redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--requirepass", password], stdout=subprocess.DEVNULL)
     broker = f"redis://:{password}@127.0.0.1:{port}/0"
-    broker_file = tmp_path / "broker_url"
-    broker_file.write_text(broker + "\n")
-    broker_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
-    env.update(GRACEQ_BROKER_FILE=str(broker_file), GRACEQ=" ".join(_graceq()), GRACEQ_QUEUES="dft")
+    env = _pilot_env(tmp_path, broker, GRACEQ=" ".join(_graceq()), GRACEQ_QUEUES="dft")
     job_id = None
     try:
         # the limit must exceed the script's --signal=TERM@300 lead: with 5 min, slurmctld sends the
@@ -340,11 +346,7 @@ def test_pilot_job_runs_a_worker_pool_inside_an_allocation(slurm, tmp_path):
 def test_pilot_job_warns_when_its_limit_is_within_the_stop_signal_lead(slurm, tmp_path):
     """A limit of 5 min or less: SLURM sends the workers' TERM (--signal=TERM@300) at its next
     periodic check, so the job says so in its output; a longer limit says nothing."""
-    broker_file = tmp_path / "broker_url"
-    broker_file.write_text("redis://127.0.0.1:1/0\n")
-    broker_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k != "GRACEQ_BROKER_URL"}
-    env.update(GRACEQ_BROKER_FILE=str(broker_file), GRACEQ="true")   # the "workers" exit at once
+    env = _pilot_env(tmp_path, "redis://127.0.0.1:1/0", GRACEQ="true")   # the "workers" exit at once
     outputs = {}
     for limit in ("00:05:00", "00:10:00"):
         proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={tmp_path}/pilot-%j.out", f"--time={limit}",
