@@ -179,14 +179,16 @@ def _at_stop(sim: Simulation, reason: str) -> dict:
             "idle_at_stop": {why: round(h / (sim.slots * sim.clock), 4) for why, h in sorted(sim.idle_h.items())}}
 
 
-def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
+def run_sync(pool, features, settings, slots, hours, window: set, descriptor=None) -> dict:
     """Synchronous rounds of width `slots`: each round waits for its slowest job. The campaign as
     it runs (its stopping rule) until the rule holds, then on to full recall with a rule that never
-    fires, if the stop came first."""
+    fires, if the stop came first. ``features``: the model's inputs; ``descriptor``: what the
+    farthest-point sampling measures distances in (None: the features)."""
     live = settings.model_copy(deep=True)
     live.campaign.n_batch = slots
     free = _free_run(settings, slots)
-    queue = [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, live.campaign.n_init)]
+    queue = [int(i) for i in cp.initial_batch(features if descriptor is None else descriptor, pool.energy_ff_mol,
+                                              live.campaign.n_init)]
     sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
     predictions: dict[int, tuple[float, float]] = {}
@@ -215,7 +217,7 @@ def run_sync(pool, features, settings, slots, hours, window: set) -> dict:
         picks += queue
 
 
-def run_async(pool, features, settings, slots, hours, window: set | None, timings: list) -> dict:
+def run_async(pool, features, settings, slots, hours, window: set | None, timings: list, descriptor=None) -> dict:
     """Asynchronous steering with `slots` jobs in flight and the coordinator's refit schedule.
 
     ``window`` None: the campaign's own settings (stop rule, budget) and figures when its last job
@@ -229,7 +231,8 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
 
     def farthest_points(n_arrived):  # no model yet: the free slots run farthest points (as the coordinator)
         due = steering.farthest_points_due(c.n_init, slots, n_arrived, len(pool), c.budget)
-        return [int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, due)]
+        return [int(i) for i in cp.initial_batch(features if descriptor is None else descriptor,
+                                                 pool.energy_ff_mol, due)]
 
     initial = farthest_points(0)
     span = steering.Span(features)  # the coordinator's coordinates for its decisions
@@ -437,8 +440,9 @@ def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, b
 
     campaign = load_settings(paths.settings)
     pool = load_pool(str(pool_path), "kJ/mol")
-    features = pool_coordinates(np.load(paths.features))
-    sim = run_async(pool, features, campaign, slots, durations_h(len(pool), seed), None, [])
+    descriptor = np.load(paths.features)
+    features = pool_coordinates(cp.model_inputs(descriptor, pool.energy_ff_mol, campaign.model))
+    sim = run_async(pool, features, campaign, slots, durations_h(len(pool), seed), None, [], descriptor)
     out = {"slots": slots, "utilisation_sim": round(float(sim["utilisation"]), 4), "utilisation_real": round(real, 4),
            "jobs_real": int(len(spans)), "jobs_sim": sim["calls_to_full_recall"], "median_job_s": median_s,
            "wall_s": round(wall_s, 1), "workers": "2 on dft (slots / 2 processes each) + 1 on featurize,fit"}
@@ -481,14 +485,14 @@ def main(argv=None) -> None:
         settings.model.members_per_task = args.members
         raw = campaign_features(pool, settings, cache)
         width = raw.shape[1]  # the descriptor's width: the 100k decision is timed at it
-        features = pool_coordinates(raw)
+        features = pool_coordinates(cp.model_inputs(raw, pool.energy_ff_mol, settings.model))
         window_set = set(int(i) for i in pool.window_structures(window))
         hours = durations_h(len(pool), args.seed)
         for slots in args.slots:
             t = time.perf_counter()
             row = {"pool": name, "n_pool": len(pool), "window": window, "n_window": len(window_set), "slots": slots,
-                   "sync": run_sync(pool, features, settings, slots, hours, window_set),
-                   "async": run_async(pool, features, settings, slots, hours, window_set, timings)}
+                   "sync": run_sync(pool, features, settings, slots, hours, window_set, raw),
+                   "async": run_async(pool, features, settings, slots, hours, window_set, timings, raw)}
             row["compute_s"] = round(time.perf_counter() - t, 1)
             runs.append(row)
             say(json.dumps(row))

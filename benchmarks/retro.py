@@ -201,7 +201,8 @@ class Trace:
 def run_campaign(pool: ReplayPool, features: np.ndarray, settings, max_iterations: int | None = None,
                  stop_when=None) -> Trace:
     """Run a replay campaign in-process with the coordinator's decisions (``cp.decide`` with the
-    settings' acquisition), continuing past its stopping rule.
+    settings' acquisition), continuing past its stopping rule. ``features``: the descriptor (the
+    model's inputs are built from it as the coordinator builds them, ``cp.model_inputs``).
 
     Each pick's prediction (mean and raw committee spread, made before it is measured) is kept, as
     the coordinator keeps it in the picks table, so that the stop rule sees the same prospective
@@ -211,6 +212,7 @@ def run_campaign(pool: ReplayPool, features: np.ndarray, settings, max_iteration
     c = settings.campaign
     apm = pool.atoms_per_molecule
     trace = Trace(order=[int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, c.n_init)])
+    features = cp.model_inputs(features, pool.energy_ff_mol, settings.model)  # what the model regresses on
     free_run = _never_stop(settings)
     predictions: dict[int, tuple[float, float]] = {}
     iteration = 0
@@ -287,20 +289,28 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def make_settings(pool_path: str, unit: str, window: float, n_init: int, n_batch: int, seed: int,
-                  on_bad_molecule: str = "error", **campaign):
+                  on_bad_molecule: str = "error", model: dict | None = None, **campaign):
     """The campaign settings of the benchmark: the defaults, with the pool's unit, window and
-    batches (and any other [campaign] key, e.g. the seed recipe's acquisition and stop rule)."""
+    batches (and any other [campaign] key, e.g. the seed recipe's acquisition and stop rule, and
+    [model] keys in ``model``)."""
     return settings_from_dict({"campaign": {"pool": str(pool_path), "unit": unit, "window": window,
                                             "n_init": n_init, "n_batch": n_batch, "seed": seed,
-                                            "on_bad_molecule": on_bad_molecule, **campaign}})
+                                            "on_bad_molecule": on_bad_molecule, **campaign},
+                               "model": dict(model or {})})
 
 
-#: the methods run as campaigns: [campaign] settings on top of the defaults
+#: the methods run as campaigns: [campaign] settings (and [model] ones under "model") on top of the defaults
 CAMPAIGN_METHODS = {
     "graceq": {},                                                           # the defaults
-    "seed_recipe": {"acquisition": "ei", "stop_rule": "p_conv"},            # EI + KB + p_conv
+    "seed_recipe": {"acquisition": "ei", "stop_rule": "p_conv",             # EI + KB + p_conv on the
+                    "model": {"force_field_feature": False}},               # seed's descriptor alone
     "greedy_predicted_energy": {"acquisition": "greedy"},
+    # the defaults with the force-field energy as one more input of the delta model (opt-in; not run
+    # unless named in --methods)
+    "graceq_force_field_feature": {"model": {"force_field_feature": True}},
 }
+#: the methods run when --methods is not given
+DEFAULT_METHODS = ("graceq", "seed_recipe", "greedy_predicted_energy")
 
 
 def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
@@ -332,7 +342,8 @@ def floor_calls(p_window, risk: float) -> int:
 
 def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: float = 0.05, folds: int = 10,
                alphas=np.logspace(-8, 2, 21)) -> dict:
-    """The earliest stop that any rule honest at ``risk`` could make with this descriptor and a
+    """The earliest stop that any rule honest at ``risk`` could make with these model inputs (``features``: the default
+    ones, descriptor and force-field column, ``cp.model_inputs``) and a
     ridge delta model, even knowing what no campaign knows: each stable structure predicted by a
     ridge fitted on the other (folds-1)/folds of the pool (10-fold cross-validation: far more
     training data than a campaign has when it stops), and the TRUE law of those predictions'
@@ -459,7 +470,7 @@ def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_
 
 def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int], n_init: int, n_batch: int,
               cache_dir: Path, progress=print, on_bad_molecule: str = "error", jobs: int = 1,
-              methods=tuple(CAMPAIGN_METHODS)) -> dict:
+              methods=DEFAULT_METHODS) -> dict:
     """All the figures of the benchmark, one JSON-ready dict per window."""
     from joblib import Parallel, delayed
 
@@ -494,7 +505,7 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
                 loses.append({"seed": r["seed"], "graceq": r["calls_to_full_recall"], "force_field_order": ff_full,
                               "greedy": greedy})
         checks = {}
-        for name in ("graceq", "seed_recipe"):
+        for name in ("graceq", "seed_recipe", "graceq_force_field_feature"):
             if name in per_method:
                 rs = per_method[name]
                 checks[name] = {
@@ -509,7 +520,12 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
         results[str(window)] = {
             "window": window,
             "n_window_structures": len(window_set),
-            "stop_floor": stop_floor(pool, campaign_features(pool, first, cache_dir), window),
+            "stop_floor": stop_floor(pool, cp.model_inputs(campaign_features(pool, first, cache_dir),
+                                                           pool.energy_ff_mol, first.model), window),
+            **({"stop_floor_force_field_feature": stop_floor(pool, cp.model_inputs(
+                campaign_features(pool, first, cache_dir), pool.energy_ff_mol,
+                first.model.model_copy(update={"force_field_feature": True})), window)}
+               if "graceq_force_field_feature" in methods else {}),
             "methods": result,
             "calls_saved_vs_force_field_at_full_recall": (
                 None if g["calls_to_full_recall"] is None else round(ff_full - g["calls_to_full_recall"], 2)),
@@ -581,7 +597,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-init", type=int, default=20)
     parser.add_argument("--n-batch", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=list(CAMPAIGN_METHODS), choices=list(CAMPAIGN_METHODS),
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(CAMPAIGN_METHODS),
                         help="campaign methods to run (the ordered baselines need no campaign and always run)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one BLAS thread each)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graceq-retro-cache"),

@@ -139,6 +139,9 @@ class ModelSection(_Section):
     train_fraction: float = Field(0.8, gt=0, lt=1, description="oldest fraction of the labelled structures "
                                   "that trains the committee; the newest rest calibrates it")
     members_per_task: int = Field(64, ge=1, description="committee members fitted by one fit task")
+    force_field_feature: bool = Field(False, description="the force-field energy is one more input of the delta "
+                                      "model besides the descriptor (for a force field whose energy scale is off; "
+                                      "benchmarks/README.md has what it changes)")
 
 
 class EngineSection(_Section):

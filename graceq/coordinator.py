@@ -251,7 +251,9 @@ class Coordinator:
 
     # -- steps --
     def ensure_features(self) -> np.ndarray:
-        """Fit the radial projection and featurize the pool in chunks (once per campaign)."""
+        """Fit the radial projection and featurize the pool in chunks (once per campaign); returns
+        the delta model's inputs (``campaign.model_inputs``). The descriptor alone, in which the
+        farthest-point sampling measures distances, is kept as ``self.descriptor`` (a view of them)."""
         from graceq import tasks
 
         if not artifact_ok(self.paths.features):  # a corrupt artifact is moved aside and recomputed
@@ -279,7 +281,9 @@ class Coordinator:
             raise ValueError(f"{self.paths.features}: {len(bad)} structures have features that are not finite "
                              f"numbers (NaN or infinite): {names}. Look at those structures in the pool, "
                              f"fix or remove them, and delete this file to featurize again.")
-        return features
+        inputs = cp.model_inputs(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), self.settings.model)
+        self.descriptor = inputs[:, :features.shape[1]]
+        return inputs
 
     def view(self) -> cp.CampaignView:
         return cp.CampaignView(
@@ -329,9 +333,11 @@ class Coordinator:
         self.lock.set_stage(f"iteration {iteration}: fitting the committee")
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
-        if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets")):
+        if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets",
+                                                     "inputs_beyond_descriptor")):
             atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
-                            test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets)
+                            test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets,
+                            inputs_beyond_descriptor=features[plan.train_rows, self.descriptor.shape[1]:])
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
         root = str(self.paths.root)
         lam_path = folder / "lambda.json"
@@ -398,10 +404,10 @@ class Coordinator:
                 self.workers = None
             self.lock.release()
 
-    def pick_initial_batch(self, features: np.ndarray) -> None:
+    def pick_initial_batch(self) -> None:
         """The farthest-point initial batch, once per campaign (both modes start with it)."""
         if self.store.last_pick_iteration() is None:
-            first = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
+            first = cp.initial_batch(self.descriptor, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
                                      self.settings.campaign.n_init)
             with self.store.transaction() as db:
                 self.store.add_picks(db, 0, first.tolist())
@@ -412,11 +418,11 @@ class Coordinator:
             self._say(f"resuming at iteration {resumed} ({len(self.store.results())} reference results stored)")
         features = self.ensure_features()
         c = self.settings.campaign
-        self.pick_initial_batch(features)
+        self.pick_initial_batch()
         if not self.store.iterations() and len(self.store.picks()) < c.n_init:
             # n_init raised before the first fit (`graceq run --n-init`): farthest point sampling is greedy,
             # so the larger batch starts with the picks made and goes on as a campaign started with it would
-            first, made = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
+            first, made = cp.initial_batch(self.descriptor, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm),
                                            c.n_init).tolist(), [idx for idx, _ in self.store.picks()]
             with self.store.transaction() as db:
                 db.executemany("INSERT INTO picks(idx, iteration, rank) VALUES (?, 0, ?)",
@@ -462,7 +468,7 @@ class Coordinator:
         on free slots before that fit are stored with it, under iteration 0, and are not counted)."""
         return min(sum(1 for _, it in self.store.picks() if it == 0), self.settings.campaign.n_init)
 
-    def farthest_points_due(self, features: np.ndarray, n_arrived: int) -> list[int]:
+    def farthest_points_due(self, n_arrived: int) -> list[int]:
         """Slots free before the first fit -> the farthest-point sampling's next picks
         (``steering.farthest_points_due``), stored under iteration 0 after the initial batch; returns them."""
         c = self.settings.campaign
@@ -470,7 +476,7 @@ class Coordinator:
         due = steering.farthest_points_due(c.n_init, self.slots, n_arrived, len(self.names), c.budget)
         if len(made) >= due:
             return []
-        sampled = cp.initial_batch(features, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), due).tolist()
+        sampled = cp.initial_batch(self.descriptor, cp.per_molecule(self.energy_ff, self.n_atoms, self.apm), due).tolist()
         made_set = set(made)
         new = [i for i in sampled if i not in made_set]
         with self.store.transaction() as db:
@@ -541,7 +547,7 @@ class Coordinator:
             app_module.configure(embedded_dir=self.paths.broker)
             self.dispatcher = Dispatcher(self.paths, self.store, self.settings, self.campaign_id, self.names)
         try:
-            features = np.load(self.paths.features)
+            features = self.ensure_features()
             return {it["iteration"]: self.decide_on_arrival(it["iteration"], features, persist=False).picks.tolist()
                     for it in self.store.iterations()}
         finally:
@@ -558,11 +564,11 @@ class Coordinator:
         came in meanwhile, from the arrival log, and goes on.
         """
         features = self.ensure_features()
-        self.pick_initial_batch(features)
+        self.pick_initial_batch()
         n0 = self._n_initial()
         n = len(self.store.arrivals())
         if n < n0:  # no model yet: the free slots run farthest points (after the first fit, never again,
-            self.farthest_points_due(features, n)  # even if a resumed run has more slots)
+            self.farthest_points_due(n)  # even if a resumed run has more slots)
         self.send_picks([idx for idx, _ in self.store.picks()])  # a resumed campaign's jobs are taken over
         decided = {it["iteration"]: it for it in self.store.iterations()}
         stopped = any(it.get("stop") for it in decided.values())
@@ -603,7 +609,7 @@ class Coordinator:
                     if n >= n0:
                         stopped = react(n)
                     else:  # before the first fit: the next farthest point
-                        self.send_picks(self.farthest_points_due(features, n))
+                        self.send_picks(self.farthest_points_due(n))
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)

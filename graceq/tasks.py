@@ -136,7 +136,9 @@ def featurize(campaign_dir: str, chunk: int, start: int, stop: int) -> str:
 def _training_set(paths: CampaignPaths, iteration: int):
     data = np.load(paths.iteration(iteration) / "train.npz")
     features = np.load(paths.features, mmap_mode="r")
-    return np.asarray(features[data["rows"]]), data["y"], data
+    # the model's inputs beyond the descriptor (campaign.model_inputs: the force-field column), as
+    # the coordinator wrote them for these rows
+    return np.hstack([features[data["rows"]], data["inputs_beyond_descriptor"]]), data["y"], data
 
 
 @app.task(name="graceq.select_lambda")

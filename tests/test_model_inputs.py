@@ -1,0 +1,94 @@
+"""The delta model's inputs: the descriptor, and the force-field energy as one more column
+(``[model] force_field_feature``, ``graceq.campaign.model_inputs``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold, cross_val_predict
+
+from conftest import load_retro, run_cli, settings_text
+from graceq import campaign as cp
+from graceq.config import ModelSection
+
+
+def test_without_the_setting_the_inputs_are_the_descriptor():
+    X = np.random.default_rng(0).random((30, 7))
+    out = cp.model_inputs(X, np.arange(30.0), ModelSection())
+    assert out.shape == X.shape and np.array_equal(out, X)
+
+
+def test_the_column_is_the_standardised_force_field_energy_with_the_descriptors_total_variance():
+    rng = np.random.default_rng(1)
+    X = rng.random((50, 9)) * rng.random(9)
+    e_ff = rng.normal(-120.0, 7.0, 50)
+    out = cp.model_inputs(X, e_ff, ModelSection(force_field_feature=True))
+    assert out.shape == (50, 10) and np.array_equal(out[:, :9], X)
+    column = out[:, 9]
+    # the direct formula: (E - mean) / std * sqrt(weight * sum of the descriptor's variances)
+    expected = (e_ff - e_ff.mean()) / e_ff.std() * np.sqrt(cp.FORCE_FIELD_WEIGHT * X.var(axis=0).sum())
+    np.testing.assert_allclose(column, expected, rtol=1e-12)
+    np.testing.assert_allclose(column.var(), cp.FORCE_FIELD_WEIGHT * X.var(axis=0).sum(), rtol=1e-12)
+    # one force-field energy for the whole pool: a column of zeros, never a division by zero
+    flat = cp.model_inputs(X, np.full(50, -3.0), ModelSection(force_field_feature=True))
+    assert np.array_equal(flat[:, 9], np.zeros(50))
+
+
+def test_a_force_field_with_the_wrong_energy_scale_is_learnt_only_with_the_column():
+    """A planted scale error: the reference compresses the force field's energies by 60 %
+    (E_ref = 0.4 E_ff + f(x)), which a ridge on the descriptor alone cannot express. Held-out
+    errors with the column are several times smaller."""
+    rng = np.random.default_rng(2)
+    n, p = 400, 30
+    X = rng.random((n, p))
+    e_ff = rng.normal(0.0, 20.0, n)                      # kJ/mol per molecule
+    e_ref = 0.4 * e_ff + X @ rng.normal(0.0, 1.0, p) + rng.normal(0.0, 0.3, n)
+    y = e_ref - e_ff                                     # the delta the model learns
+    cv = KFold(5, shuffle=True, random_state=0)
+
+    def rmse(inputs):
+        pred = cross_val_predict(RidgeCV(alphas=np.logspace(-8, 2, 21)), inputs, y, cv=cv)
+        return float(np.sqrt(np.mean((pred - y) ** 2)))
+
+    alone = rmse(cp.model_inputs(X, e_ff, ModelSection()))
+    with_column = rmse(cp.model_inputs(X, e_ff, ModelSection(force_field_feature=True)))
+    assert with_column < 0.2 * alone, (alone, with_column)
+    assert with_column < 1.0
+
+
+def test_a_campaign_with_the_column_fits_it_in_the_workers_and_samples_in_the_descriptor(roy_small, tmp_path):
+    """Real embedded campaign (Celery fit tasks read the column from train.npz): the initial batch
+    is the farthest-point sampling of the descriptor, every member has one more coefficient than
+    the descriptor has features, and an in-process replay with the same model inputs
+    (benchmarks/retro.py) makes the same picks."""
+    folder = tmp_path / "ff"
+    folder.mkdir()
+    (folder / "settings.toml").write_text(settings_text(roy_small, model={"force_field_feature": True}))
+    run_cli("run", str(folder / "campaign"), "--settings", str(folder / "settings.toml"), "--max-iterations", "2",
+            "--quiet")
+    campaign = folder / "campaign"
+    descriptor = np.load(campaign / "artifacts" / "features.npy")
+    with sqlite3.connect(campaign / "state.sqlite") as db:
+        first = [idx for (idx,) in db.execute("SELECT idx FROM picks WHERE iteration = 0 ORDER BY rank")]
+    retro = load_retro()
+    pool = retro.load_pool(str(roy_small), "kJ/mol")
+    assert first == cp.initial_batch(descriptor, pool.energy_ff_mol, len(first)).tolist()
+    members = sorted(Path(campaign).rglob("members_*.npz"))
+    assert members, "no fitted members on disk"
+    for path in members:
+        assert np.load(path)["coef"].shape[1] == descriptor.shape[1] + 1
+    check = retro.check_campaign(str(campaign), tmp_path / "cache")
+    assert check["same_features"] and check["iterations_compared"] == 2
+    assert check["same_picks"], check
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_retro_benchmark_builds_the_inputs_as_the_setting_says(flag):
+    retro = load_retro()
+    settings = retro.make_settings("pool.extxyz", "kJ/mol", 5.0, 10, 5, 0, model={"force_field_feature": flag})
+    assert settings.model.force_field_feature is flag
+    assert retro.CAMPAIGN_METHODS["seed_recipe"]["model"] == {"force_field_feature": False}
