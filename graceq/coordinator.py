@@ -333,11 +333,16 @@ class Coordinator:
         self.lock.set_stage(f"iteration {iteration}: fitting the committee")
         plan = cp.plan_committee(view, self.settings.model, self.settings.campaign.seed, iteration)
         folder = self.paths.iteration(iteration)
-        if not artifact_ok(folder / "train.npz", ("rows", "y", "test_rows", "y_test", "subsets",
-                                                     "inputs_beyond_descriptor")):
-            atomic_save_npz(folder / "train.npz", rows=plan.train_rows, y=plan.y_train,
-                            test_rows=plan.test_rows, y_test=plan.y_test, subsets=plan.subsets,
-                            inputs_beyond_descriptor=features[plan.train_rows, self.descriptor.shape[1]:])
+        extra = features[plan.train_rows, self.descriptor.shape[1]:]  # campaign.model_inputs beyond the descriptor
+        train = folder / "train.npz"
+        keys = ("rows", "y", "test_rows", "y_test", "subsets", "inputs_beyond_descriptor")
+        if artifact_ok(train, keys) and np.load(train)["inputs_beyond_descriptor"].shape[1] != extra.shape[1]:
+            # [model] force_field_feature was changed since this iteration's fit began: its fits are stale
+            for stale in [train, folder / "lambda.json", *folder.glob("members_*.npz")]:
+                stale.unlink(missing_ok=True)
+        if not artifact_ok(train, keys):
+            atomic_save_npz(train, rows=plan.train_rows, y=plan.y_train, test_rows=plan.test_rows,
+                            y_test=plan.y_test, subsets=plan.subsets, inputs_beyond_descriptor=extra)
         prefix = f"graceq-{self.campaign_id}-it{iteration:04d}"
         root = str(self.paths.root)
         lam_path = folder / "lambda.json"

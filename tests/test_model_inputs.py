@@ -92,3 +92,34 @@ def test_the_retro_benchmark_builds_the_inputs_as_the_setting_says(flag):
     settings = retro.make_settings("pool.extxyz", "kJ/mol", 5.0, 10, 5, 0, model={"force_field_feature": flag})
     assert settings.model.force_field_feature is flag
     assert retro.CAMPAIGN_METHODS["seed_recipe"]["model"] == {"force_field_feature": False}
+
+
+def test_turning_the_column_on_in_a_running_campaign_refits_what_was_fitted_without_it(roy_small, tmp_path):
+    """The setting edited between two runs: the next fit uses the column; fit files of that
+    iteration left from before the change (a coordinator killed during the fit) are dropped
+    and fitted again, not mixed with the new inputs."""
+    import tomllib
+
+    import tomli_w
+
+    folder = tmp_path / "toggle"
+    folder.mkdir()
+    (folder / "settings.toml").write_text(settings_text(roy_small))
+    campaign = folder / "campaign"
+    run_cli("run", str(campaign), "--settings", str(folder / "settings.toml"), "--max-iterations", "1", "--quiet")
+    width = np.load(campaign / "artifacts" / "features.npy").shape[1]
+    assert np.load(campaign / "iterations" / "0000" / "members_0000_0016.npz")["coef"].shape[1] == width
+    # what a coordinator killed during iteration 1's fit, before the change, would have left
+    stale = campaign / "iterations" / "0001"
+    stale.mkdir(parents=True, exist_ok=True)
+    rows = np.arange(12)
+    np.savez(stale / "train.npz", rows=rows, y=np.zeros(12), test_rows=np.arange(12, 15), y_test=np.zeros(3),
+             subsets=np.zeros((64, 6), dtype=int), inputs_beyond_descriptor=np.zeros((12, 0)))
+    np.savez(stale / "members_0000_0016.npz", coef=np.zeros((16, width)), intercept=np.zeros(16))
+    settings = tomllib.loads((campaign / "settings.toml").read_text())
+    settings.setdefault("model", {})["force_field_feature"] = True
+    (campaign / "settings.toml").write_text(tomli_w.dumps(settings))
+    run_cli("run", str(campaign), "--max-iterations", "1", "--quiet")
+    for path in sorted(stale.glob("members_*.npz")):
+        assert np.load(path)["coef"].shape[1] == width + 1, path
+    assert np.load(stale / "train.npz")["inputs_beyond_descriptor"].shape[1] == 1
