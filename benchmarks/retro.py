@@ -276,6 +276,68 @@ def figures(trace: Trace, window_set: np.ndarray, campaign_settings, n_pool: int
     return out
 
 
+def missed_curve(order, window_set) -> list[int]:
+    """Window structures not yet measured after 0, 1, ..., len(order) calls of a fixed order."""
+    hit = np.isin(np.asarray(order, dtype=int), np.asarray(window_set, dtype=int))
+    return (len(window_set) - np.concatenate([[0], np.cumsum(hit)])).astype(int).tolist()
+
+
+def plot(out: dict, path: str | Path) -> Path:
+    """The benchmark as a figure: window structures still unmeasured against reference calls, one
+    panel per window. Campaign methods: the median over seeds (line) and the range (band), their
+    mean stop (dotted vertical line); fixed orders (force field, farthest points) as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = out.get("windows") or {str(out["window"]): out}
+    fig, axes = plt.subplots(1, len(windows), figsize=(6.0 * len(windows), 4.5), squeeze=False)
+    names = {"graceq": "graceq (defaults)", "seed_recipe": "seed recipe (EI + KB + p_conv)",
+             "greedy_predicted_energy": "greedy (lowest predicted)",
+             "graceq_force_field_feature": "graceq + force-field input"}
+    for ax, (window, r) in zip(axes[0], windows.items()):
+        methods = r["methods"]
+        for k, (name, label) in enumerate(names.items()):
+            runs = [p for p in methods.get(name, {}).get("per_seed", []) if p.get("missed_history")]
+            if not runs:
+                continue
+            grid = np.arange(0, max(p["calls_history"][-1] for p in runs) + 1)
+            # a batch's results count once the whole batch is measured: steps at the checkpoints
+            curves = np.array([np.asarray([_n_window(r)] + p["missed_history"])[
+                np.searchsorted([0] + p["calls_history"], grid, side="right") - 1] for p in runs])
+            color = f"C{k}"
+            ax.step(grid, np.median(curves, axis=0), where="post", color=color, label=f"{label}, {len(runs)} seeds")
+            ax.fill_between(grid, curves.min(axis=0), curves.max(axis=0), step="post", color=color, alpha=0.2, lw=0)
+            stop = methods[name].get("calls_at_stop")
+            if stop:
+                ax.axvline(stop, color=color, ls=":", lw=1.2)
+        for name, label, style in (("force_field_order", "force-field order", "k--"),
+                                   ("fps_only", "farthest points only", "k:")):
+            curve = methods.get(name, {}).get("missed_history")
+            if curve:
+                ax.step(np.arange(len(curve)), curve, style, where="post", lw=1, label=label)
+        ax.set_title(f"{Path(out.get('pool', '')).stem}, window {float(window):g} {out.get('unit', '')} "
+                     f"({_n_window(r)} structures)")
+        ax.set_xlabel("reference calls")
+        ax.set_ylabel("window structures not yet measured")
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.text(0.01, 0.005, "lines: median over seeds; bands: range; dotted verticals: mean calls at the stop",
+             fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _n_window(result: dict) -> int:
+    return int(result["n_window_structures"])
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return round(float(np.mean(values)), 2) if values else None
@@ -453,7 +515,10 @@ def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_
                 for window, window_set in window_sets.items():
                     out[window][name] = {"calls_to_full_recall": calls_to_full_recall(
                         trace.order, window_set, trace.checkpoints), "seed": seed,
-                        "time_s": round(time.perf_counter() - t, 1)}
+                        "time_s": round(time.perf_counter() - t, 1),
+                        "calls_history": [c for c, _ in trace.checkpoints],
+                        "missed_history": [len(set(map(int, window_set)) - set(trace.order[:c]))
+                                           for c, _ in trace.checkpoints]}
                     print(f"seed {seed} window {window} {name}: full recall "
                           f"{out[window][name]['calls_to_full_recall']}", file=sys.stderr, flush=True)
                 continue
@@ -489,8 +554,10 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
     for window, window_set in window_sets.items():
         per_method = {name: [r[window][name] for r in runs] for name in methods}
         result = {name: summarise(v) for name, v in per_method.items()}
-        result["force_field_order"] = {"calls_to_full_recall": calls_to_full_recall(ff_order.tolist(), window_set)}
+        result["force_field_order"] = {"calls_to_full_recall": calls_to_full_recall(ff_order.tolist(), window_set),
+                                       "missed_history": missed_curve(ff_order, window_set)}
         result["fps_only"] = {"calls_to_full_recall": calls_to_full_recall(list(map(int, fps_order)), window_set),
+                              "missed_history": missed_curve(fps_order, window_set),
                               "committee_seed": seeds[0]}
         randoms = [calls_to_full_recall(np.random.default_rng(s).permutation(len(pool)).tolist(), window_set)
                    for s in seeds]
@@ -605,9 +672,16 @@ def main(argv=None) -> None:
     parser.add_argument("--on-bad-molecule", choices=("error", "skip"), default="error",
                         help="skip: drop structures with broken molecules, as the campaign setting does")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the unmeasured window structures against calls")
+    parser.add_argument("--from-json", metavar="FILE", help="instead of running: draw --plot from a saved JSON output")
     parser.add_argument("--check-campaign", metavar="DIR",
                         help="instead: replay the finished iterations of the campaign in DIR and compare picks")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot PNG")
+        print(plot(json.loads(Path(args.from_json).read_text()), args.plot))
+        return
     if args.check_campaign:
         print(json.dumps(check_campaign(args.check_campaign, Path(args.cache))))
         return
@@ -617,6 +691,8 @@ def main(argv=None) -> None:
     if len(args.window) == 1:  # one window: its figures at the top level (methods.graceq ...)
         out.update(out.pop("windows")[str(args.window[0])])
     print(json.dumps(out, indent=None if args.json else 1))
+    if args.plot:
+        say(f"figure: {plot(out, args.plot)}")
 
 
 if __name__ == "__main__":
