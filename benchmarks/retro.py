@@ -3,7 +3,8 @@ and whether its stop can be trusted.
 
     python benchmarks/retro.py [--pool PATH] [--window 5 [10 15]] [--unit kJ/mol] [--json]
                                [--seeds 0 1 2 ...] [--n-init 20] [--n-batch 10] [--jobs 2]
-                               [--on-bad-molecule skip] [--methods graceq seed_recipe ...]
+                               [--on-bad-molecule skip] [--methods graceq seed_recipe ...] [--plot PNG]
+    python benchmarks/retro.py --from-json OUT.json --plot PNG    # redraw a saved output
     python benchmarks/retro.py --check-campaign DIR
 
 Runs full replay campaigns (one per seed and method) in-process, through the functions the
@@ -317,7 +318,8 @@ def plot(out: dict, path: str | Path) -> Path:
             curve = methods.get(name, {}).get("missed_history")
             if curve:
                 ax.step(np.arange(len(curve)), curve, style, where="post", lw=1, label=label)
-        ax.set_title(f"{Path(out.get('pool', '')).stem}, window {float(window):g} {out.get('unit', '')} "
+        pool = Path(out.get("pool", ""))
+        ax.set_title(f"{pool.parent.name}/{pool.name}, window {float(window):g} {out.get('unit', '')} "
                      f"({_n_window(r)} structures)")
         ax.set_xlabel("reference calls")
         ax.set_ylabel("window structures not yet measured")
