@@ -193,6 +193,52 @@ def write_summary(root: str | Path) -> dict:
     return summary
 
 
+#: fewest measured stable structures before `graceq status` states the deltas' trend with E_ff
+MIN_TREND = 10
+#: significance at which the trend is called one (two-sided test of Pearson's r = 0)
+TREND_P = 0.01
+
+
+def delta_trend(energy_ff_mol, energy_ref_mol) -> tuple[float, float, int] | None:
+    """Pearson's r of the measured deltas ``E_ref - E_ff`` against ``E_ff`` (per molecule, any one
+    unit), the two-sided p-value of r = 0, and the number of structures; None with fewer than
+    ``MIN_TREND`` or when either varies not at all.
+
+    A clear trend says the force field's energy scale differs from the reference's, which a
+    descriptor of local environments cannot express (``graceq.campaign.model_inputs``).
+    """
+    from scipy import stats
+
+    e_ff = np.asarray(energy_ff_mol, dtype=float)
+    delta = np.asarray(energy_ref_mol, dtype=float) - e_ff
+    keep = np.isfinite(e_ff) & np.isfinite(delta)
+    if keep.sum() < MIN_TREND or np.ptp(e_ff[keep]) == 0 or np.ptp(delta[keep]) == 0:
+        return None
+    r, p = stats.pearsonr(e_ff[keep], delta[keep])
+    return float(r), float(p), int(keep.sum())
+
+
+def _trend_line(store: CampaignStore, results: dict, settings) -> list[str]:
+    """`graceq status`'s line on the deltas' trend with the force-field energy (none without one)."""
+    measured = [i for i, (status, e) in results.items() if status == STABLE and e is not None]
+    if len(measured) < MIN_TREND:
+        return []
+    s = store.structures()
+    apm = int(store.get_meta("atoms_per_molecule"))
+    rows = np.array(measured, dtype=int)
+    e_ref = per_molecule(np.array([results[i][1] for i in measured], dtype=float), s["n_atoms"][rows], apm)
+    trend = delta_trend(per_molecule(s["energy_ff"][rows], s["n_atoms"][rows], apm), e_ref)
+    if trend is None:
+        return []
+    r, p, n = trend
+    line = f"delta      E_ref - E_ff against E_ff: r = {r:+.2f} over {n} measured structures (p = {p:.1e})"
+    if p < TREND_P:
+        line += ("; the model has E_ff among its inputs" if settings.model.force_field_feature else
+                 "; [model] force_field_feature = true would give the model E_ff as an input "
+                 "(benchmarks/README.md measures what it changes)")
+    return [line]
+
+
 def status_lines(root: str | Path) -> list[str]:
     """A short human summary of where a campaign stands (for `graceq status`)."""
     from graceq.jobs import in_flight_lines
@@ -234,6 +280,7 @@ def status_lines(root: str | Path) -> list[str]:
         dups = campaign_duplicates(paths.root, scope="window")
         lines.append(f"unique     {dups.n_window_unique} distinct crystals among the {dups.n_window} measured "
                      f"window structures ({dups.n_window - dups.n_window_unique} duplicates)")
+        lines += _trend_line(store, results, settings)
     else:
         lines.append("iteration  none finished yet")
     n_unstable = sum(1 for s, _ in results.values() if s == "unstable")

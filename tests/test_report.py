@@ -371,3 +371,31 @@ def test_status_says_what_ranks_the_picks(campaign):
     out = run_cli("status", str(campaign)).stdout
     last = summary["iterations"][-1]["forecaster"]
     assert f"ranking    by {FORECASTER_MEANING[last]}" in out
+
+
+def test_delta_trend_is_pearsons_r_of_the_deltas_against_the_force_field():
+    """Checked against scipy's pearsonr and numpy's corrcoef on the deltas themselves."""
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    e_ff = rng.normal(0.0, 20.0, 40)
+    e_ref = 0.3 * e_ff + rng.normal(0.0, 1.0, 40)          # the force field's scale is 3 times too wide
+    r, p, n = report.delta_trend(e_ff, e_ref)
+    assert n == 40 and r < -0.9 and p < 1e-10
+    np.testing.assert_allclose(r, np.corrcoef(e_ff, e_ref - e_ff)[0, 1], rtol=1e-12)
+    np.testing.assert_allclose(p, stats.pearsonr(e_ff, e_ref - e_ff)[1], rtol=1e-9)
+    assert report.delta_trend(e_ff[:report.MIN_TREND - 1], e_ref[:report.MIN_TREND - 1]) is None
+    assert report.delta_trend(np.full(20, 1.0), np.arange(20.0)) is None       # no spread in E_ff
+    with_nan = e_ref.copy()
+    with_nan[:5] = np.nan                                                     # unstable: no energy
+    assert report.delta_trend(e_ff, with_nan)[2] == 35
+
+
+def test_status_states_the_deltas_trend_with_the_force_field(campaign):
+    """ROY's force field spreads its minima over a range the reference does not have: the
+    measured deltas fall with E_ff, and `graceq status` says so, with the option that learns it."""
+    out = run_cli("status", str(campaign)).stdout
+    line = next(line for line in out.splitlines() if line.startswith("delta "))
+    r = float(line.split("r = ")[1].split()[0])
+    assert r < -0.5, line
+    assert "force_field_feature = true" in line
