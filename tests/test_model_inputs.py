@@ -123,3 +123,27 @@ def test_turning_the_column_on_in_a_running_campaign_refits_what_was_fitted_with
     for path in sorted(stale.glob("members_*.npz")):
         assert np.load(path)["coef"].shape[1] == width + 1, path
     assert np.load(stale / "train.npz")["inputs_beyond_descriptor"].shape[1] == 1
+
+
+def test_an_async_campaign_with_the_column_replays_its_decisions_from_the_arrival_log(roy_small, tmp_path):
+    """Asynchronous mode: the refits run through the fit tasks with the column, the decisions in
+    the span of the inputs (steering), and every decision made again from the arrival log gives
+    the same picks."""
+    from graceq.coordinator import Coordinator
+
+    (tmp_path / "settings.toml").write_text(settings_text(
+        roy_small, campaign={"mode": "async", "slots": 4, "refit_every": 3, "n_init": 12, "budget": 24},
+        model={"force_field_feature": True}, engine={"engine": "replay", "delay_s": 0.3}))
+    target = tmp_path / "campaign"
+    run_cli("run", str(target), "--settings", str(tmp_path / "settings.toml"), "--quiet")
+    width = np.load(target / "artifacts" / "features.npy").shape[1]
+    members = sorted(target.rglob("members_*.npz"))
+    assert len(members) >= 8  # the first fit and at least one refit, 4 files of 16 members each
+    assert all(np.load(path)["coef"].shape[1] == width + 1 for path in members)
+    coordinator = Coordinator(target, progress=False)
+    stored: dict[int, list[int]] = {}
+    for idx, it in coordinator.store.picks():
+        if it:
+            stored.setdefault(it, []).append(idx)
+    replayed = {n: picks for n, picks in coordinator.replay_decisions().items() if picks}
+    assert stored and replayed == stored
