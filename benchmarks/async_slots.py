@@ -179,16 +179,15 @@ def _at_stop(sim: Simulation, reason: str) -> dict:
             "idle_at_stop": {why: round(h / (sim.slots * sim.clock), 4) for why, h in sorted(sim.idle_h.items())}}
 
 
-def run_sync(pool, features, settings, slots, hours, window: set, descriptor=None) -> dict:
+def run_sync(pool, features, settings, slots, hours, window: set, descriptor) -> dict:
     """Synchronous rounds of width `slots`: each round waits for its slowest job. The campaign as
     it runs (its stopping rule) until the rule holds, then on to full recall with a rule that never
     fires, if the stop came first. ``features``: the model's inputs; ``descriptor``: what the
-    farthest-point sampling measures distances in (None: the features)."""
+    farthest-point sampling measures distances in."""
     live = settings.model_copy(deep=True)
     live.campaign.n_batch = slots
     free = _free_run(settings, slots)
-    queue = [int(i) for i in cp.initial_batch(features if descriptor is None else descriptor, pool.energy_ff_mol,
-                                              live.campaign.n_init)]
+    queue = [int(i) for i in cp.initial_batch(descriptor, pool.energy_ff_mol, live.campaign.n_init)]
     sim = Simulation(slots, hours, len(queue))
     picks, arrived, iteration = list(queue), [], 0
     predictions: dict[int, tuple[float, float]] = {}
@@ -217,7 +216,7 @@ def run_sync(pool, features, settings, slots, hours, window: set, descriptor=Non
         picks += queue
 
 
-def run_async(pool, features, settings, slots, hours, window: set | None, timings: list, descriptor=None) -> dict:
+def run_async(pool, features, settings, slots, hours, window: set | None, timings: list, descriptor) -> dict:
     """Asynchronous steering with `slots` jobs in flight and the coordinator's refit schedule.
 
     ``window`` None: the campaign's own settings (stop rule, budget) and figures when its last job
@@ -231,8 +230,7 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
 
     def farthest_points(n_arrived):  # no model yet: the free slots run farthest points (as the coordinator)
         due = steering.farthest_points_due(c.n_init, slots, n_arrived, len(pool), c.budget)
-        return [int(i) for i in cp.initial_batch(features if descriptor is None else descriptor,
-                                                 pool.energy_ff_mol, due)]
+        return [int(i) for i in cp.initial_batch(descriptor, pool.energy_ff_mol, due)]
 
     initial = farthest_points(0)
     span = steering.Span(features)  # the coordinator's coordinates for its decisions

@@ -277,6 +277,12 @@ def figures(trace: Trace, window_set: np.ndarray, campaign_settings, n_pool: int
     return out
 
 
+def missed_history(trace: Trace, window_set) -> list[int]:
+    """Window structures not yet measured at each of a campaign's assessments (``calls_history``)."""
+    wanted = set(int(i) for i in window_set)
+    return [len(wanted - set(trace.order[:c])) for c, _ in trace.checkpoints]
+
+
 def missed_curve(order, window_set) -> list[int]:
     """Window structures not yet measured after 0, 1, ..., len(order) calls of a fixed order."""
     hit = np.isin(np.asarray(order, dtype=int), np.asarray(window_set, dtype=int))
@@ -386,10 +392,8 @@ def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
     t = time.perf_counter()
     trace = run_campaign(pool, features, settings, stop_when=done)
     fig = figures(trace, window_set, settings.campaign, len(pool))
-    wanted = set(int(i) for i in window_set)
     fig.update(iterations=len(trace.checkpoints), time_s=round(time.perf_counter() - t, 1),
-               calls_history=[c for c, _ in trace.checkpoints],
-               missed_history=[len(wanted - set(trace.order[:c])) for c, _ in trace.checkpoints],
+               calls_history=[c for c, _ in trace.checkpoints], missed_history=missed_history(trace, window_set),
                risk_history=[None if not np.isfinite(s.risk) else round(s.risk, 4) for _, s in trace.checkpoints],
                p_conv_history=[round(s.p_conv, 4) for _, s in trace.checkpoints],
                forecaster_history=[s.forecaster for _, s in trace.checkpoints])
@@ -406,9 +410,9 @@ def floor_calls(p_window, risk: float) -> int:
 
 def stop_floor(pool: ReplayPool, features: np.ndarray, window: float, risk: float = 0.05, folds: int = 10,
                alphas=np.logspace(-8, 2, 21)) -> dict:
-    """The earliest stop that any rule honest at ``risk`` could make with these model inputs (``features``: the default
-    ones, descriptor and force-field column, ``cp.model_inputs``) and a
-    ridge delta model, even knowing what no campaign knows: each stable structure predicted by a
+    """The earliest stop that any rule honest at ``risk`` could make with these model inputs
+    (``features``: ``cp.model_inputs`` of the descriptor) and a ridge delta model, even knowing
+    what no campaign knows: each stable structure predicted by a
     ridge fitted on the other (folds-1)/folds of the pool (10-fold cross-validation: far more
     training data than a campaign has when it stops), and the TRUE law of those predictions'
     errors (their empirical distribution over the whole pool). With P_i = P(E_i <= T) under that
@@ -519,8 +523,7 @@ def _seed_runs(pool, pool_path, window_sets, unit, n_init, n_batch, seed, cache_
                         trace.order, window_set, trace.checkpoints), "seed": seed,
                         "time_s": round(time.perf_counter() - t, 1),
                         "calls_history": [c for c, _ in trace.checkpoints],
-                        "missed_history": [len(set(map(int, window_set)) - set(trace.order[:c]))
-                                           for c, _ in trace.checkpoints]}
+                        "missed_history": missed_history(trace, window_set)}
                     print(f"seed {seed} window {window} {name}: full recall "
                           f"{out[window][name]['calls_to_full_recall']}", file=sys.stderr, flush=True)
                 continue
@@ -551,7 +554,8 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
                             on_bad_molecule, methods) for seed in seeds)
     ff_order = np.argsort(pool.energy_ff_mol, kind="stable")
     first = make_settings(pool_path, unit, windows[0], n_init, n_batch, seeds[0], on_bad_molecule)
-    fps_order = cp.initial_batch(campaign_features(pool, first, cache_dir), pool.energy_ff_mol, len(pool))
+    descriptor = campaign_features(pool, first, cache_dir)
+    fps_order = cp.initial_batch(descriptor, pool.energy_ff_mol, len(pool))
     results = {}
     for window, window_set in window_sets.items():
         per_method = {name: [r[window][name] for r in runs] for name in methods}
@@ -589,11 +593,9 @@ def benchmark(pool_path: str, windows: list[float], unit: str, seeds: list[int],
         results[str(window)] = {
             "window": window,
             "n_window_structures": len(window_set),
-            "stop_floor": stop_floor(pool, cp.model_inputs(campaign_features(pool, first, cache_dir),
-                                                           pool.energy_ff_mol, first.model), window),
+            "stop_floor": stop_floor(pool, cp.model_inputs(descriptor, pool.energy_ff_mol, first.model), window),
             **({"stop_floor_force_field_feature": stop_floor(pool, cp.model_inputs(
-                campaign_features(pool, first, cache_dir), pool.energy_ff_mol,
-                first.model.model_copy(update={"force_field_feature": True})), window)}
+                descriptor, pool.energy_ff_mol, first.model.model_copy(update={"force_field_feature": True})), window)}
                if "graceq_force_field_feature" in methods else {}),
             "methods": result,
             "calls_saved_vs_force_field_at_full_recall": (
