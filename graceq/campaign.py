@@ -72,12 +72,12 @@ class CampaignView:
     def count(self, status: str) -> int:
         return sum(1 for s, _ in self.results.values() if s == status)
 
-    def prospective_errors(self) -> np.ndarray:
-        """Standardised errors (E_ref - mu) / spread of the measured stable structures, each from
-        the prediction made before it was measured, in sampling order."""
+    def prospective_errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Errors E_ref - mu of the measured stable structures, each from the prediction made before
+        it was measured, in sampling order, and those predictions' raw spreads."""
         rows = np.array([i for i in self.stable_rows() if int(i) in self.predictions], dtype=int)
         if len(rows) == 0:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros(0)
         mu, spread = np.array([self.predictions[int(i)] for i in rows], dtype=float).T
         return prospective_errors(self.reference_mol(rows), mu, spread)
 
@@ -226,7 +226,8 @@ class IterationStats:
     unmeasured, which bounds P(at least one is missed), under the least favourable law of the
     model's errors that the prospective errors leave plausible at ``risk_confidence`` (inf while
     fewer than ``graceq.convergence.MIN_PROSPECTIVE`` prospective errors exist);
-    ``error_law_df`` and ``error_law_scale`` are that law's (graceq.convergence).
+    ``error_law_df``, ``error_law_scale`` and ``error_law_noise`` (energy per molecule) are that
+    law's (graceq.convergence).
     """
 
     iteration: int
@@ -256,6 +257,7 @@ class IterationStats:
     stop: str | None
     n_pending: int = 0          # asynchronous mode: jobs in flight when the decision was made
     forecaster: str | None = None   # p_window: the forecaster whose ranking picked the batch
+    error_law_noise: float | None = None    # the law's noise, energy per molecule (None: records before it)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -277,14 +279,16 @@ class IterationStats:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def risk_statement(stats: dict, target: float | None = None) -> str:
+def risk_statement(stats: dict, target: float | None = None, unit: str = "") -> str:
     """The stated risk of an iteration's record in words (what `graceq status`, the report and
-    the coordinator print)."""
+    the coordinator print); ``unit`` the campaign's energy unit (the law's noise is in it)."""
     record = IterationStats.from_json(stats)
     if not np.isfinite(record.risk):
         return (f"no risk stated yet: {record.n_prospective} of the {MIN_PROSPECTIVE} prospective errors "
                 "it is fitted on")
     law = f"t law, df {record.error_law_df:.3g}" if record.error_law_df < 999 else "normal law"
+    if record.error_law_noise:
+        law += f", noise {record.error_law_noise:.3g} {unit} per molecule".replace("  ", " ")
     goal = "" if target is None else f" (stop at <= {target:g})"
     return (f"P(a window structure is missed) <= {record.risk:.3g}{goal}, with {record.risk_confidence:.0%} "
             f"confidence in the error law ({law}, fitted on {record.n_prospective} prospective predictions)")
@@ -330,14 +334,16 @@ def stop_holds(stats: dict, settings, n_pool: int) -> bool:
 BELIEVES_WITHIN_BATCH = frozenset({"ei"})
 
 
-def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap, ei, best, window, n):
+def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap, ei, best, window, n,
+             spread=None, law=None):
     """The next n picks, their EI, and the forecaster that ranked them.
 
     ``p_window`` takes the n structures most likely to lie in the window: the expected number of
     window structures a batch finds is the sum of its members' probabilities, so the top n
     maximise it. The probability is that of the forecaster of the reference energy that has
     forecast the measured structures best so far (``graceq.convergence.best_forecaster``): the
-    committee (mean and spread: rank by the standardised gap (T - mu) / spread), its mean alone
+    committee (its probability under ``law``, the error law the stop is stated in, of raw
+    ``spread``; the standardised gap (T - mu) / spread when the law has no noise), its mean alone
     (rank by mu), or the force field (rank by E_ff). Where the committee's spread says nothing
     about its errors, or the cheap level already ranks better than the model, the campaign sees
     it in its own measurements and exploits that ranking; until ``MIN_PROSPECTIVE`` forecasts
@@ -356,6 +362,10 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
     else:
         energy, forecasts = view.forecasts()
         forecaster = (best_forecaster(energy, forecasts)[0] if forecasts else None) or "committee"
+        if forecaster == "committee" and law is not None and law.noise > 0:
+            # the probabilities the stop is stated in (ties, where they round to 0 or 1: by the gap)
+            order = np.lexsort((-gap[unlabelled], -law.p_below(best + window, mu[unlabelled], spread[unlabelled])))
+            return unlabelled[order[:n]].astype(int), ei[unlabelled[order[:n]]], forecaster
         key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
                "force_field": lambda: view.energy_ff_mol[unlabelled]}[forecaster]()
     picks = unlabelled[np.argsort(key, kind="stable")[:n]]
@@ -380,9 +390,10 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     threshold = best + c.window
     unlabelled = view.unlabelled()
     conv = convergence_state(mu[unlabelled], sigma[unlabelled], measured, best, c.window)
-    errors = view.prospective_errors()
+    residual, residual_spread = view.prospective_errors()
     risk, law = expected_missed(mu[unlabelled], spread[unlabelled], threshold,
-                                error_laws(errors, c.risk_confidence))
+                                error_laws(residual, residual_spread, c.risk_confidence,
+                                           noise=c.error_law == "spread_and_noise"))
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -408,7 +419,8 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
         risk_confidence=float(c.risk_confidence),
         error_law_df=None if law is None else law.df,
         error_law_scale=None if law is None else law.scale,
-        n_prospective=len(errors),
+        error_law_noise=None if law is None else law.noise,
+        n_prospective=len(residual),
         stop_rule=c.stop_rule,
         acquisition=c.acquisition,
         max_ei=float(np.nanmax(ei)) if len(unlabelled) else 0.0,
@@ -428,6 +440,6 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     if stats.stop is None and pick:
         n = min(batch_size(c.n_batch, len(mu)), budget - stats.n_reference_calls, len(unlabelled))
         picks, pick_ei, stats.forecaster = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap,
-                                                    ei, best, c.window, n)
+                                                    ei, best, c.window, n, spread, law)
     stats.n_next = int(len(picks))
     return Decision(stats, mu, sigma, ei, picks, pick_ei, stats.stop)

@@ -170,7 +170,7 @@ def write_summary(root: str | Path) -> dict:
         "stop_rule": settings.campaign.stop_rule,
         "risk_target": settings.campaign.risk if settings.campaign.stop_rule == "risk" else None,
         "risk": last.get("risk"),
-        "risk_statement": risk_statement(last, settings.campaign.risk) if last else None,
+        "risk_statement": risk_statement(last, settings.campaign.risk, settings.campaign.unit) if last else None,
         "p_conv": last.get("p_conv"),
         "hindsight": (known := hindsight(paths, store, window, settings.campaign.unit)),
         "recall_note": None if known is None else known["note"],
@@ -178,7 +178,7 @@ def write_summary(root: str | Path) -> dict:
         "iterations": [
             {k: it.get(k) for k in ("iteration", "risk", "p_conv", "residual", "n_expected", "test_rmse",
                                     "calibration", "ridge_lambda", "error_law_df", "error_law_scale",
-                                    "n_prospective", "n_labelled", "n_train", "n_reference_calls", "best",
+                                    "error_law_noise", "n_prospective", "n_labelled", "n_train", "n_reference_calls", "best",
                                     "max_ei", "forecaster")}
             for it in iterations
         ],
@@ -263,7 +263,7 @@ def status_lines(root: str | Path) -> list[str]:
         going = "running" if coordinator_alive(paths.root) else "paused: no coordinator runs it"
         lines += [
             f"iteration  {it['iteration']} ({'stopped: ' + it['stop'] if it['stop'] else going})",
-            f"risk       {risk_statement(it, settings.campaign.risk)}",
+            f"risk       {risk_statement(it, settings.campaign.risk, settings.campaign.unit)}",
             f"p_conv     {it['p_conv']:.4f}   residual {it['residual']:.2f} structures",
             f"best       {it['best']:.3f} {unit}/molecule; {it['n_measured']} measured within "
             f"{settings.campaign.window} {unit}/molecule",
@@ -963,7 +963,7 @@ def _html(rec: CampaignRecord, images: list[tuple[Path, str]], origin=None, dupl
         ("reference calls", f"{n_calls} ({sum(1 for s, _ in rec.results.values() if s == 'unstable')} unstable, "
                             f"{sum(1 for s, _ in rec.results.values() if s == 'failed')} failed)"),
         ("stop", str(last.get("stop") or "running")),
-        ("stated risk", html.escape(risk_statement(last, rec.risk_target)) if last else "-"),
+        ("stated risk", html.escape(risk_statement(last, rec.risk_target, rec.unit)) if last else "-"),
         ("p_conv", f"{last['p_conv']:.4f} (target {rec.p_conv_target:g})" if last else "-"),
         ("window", f"{rec.window:g} {rec.unit} per molecule above the best"),
         ("best", f"{rec.best:.3f} {rec.unit} per molecule" if rec.best is not None else "-"),
