@@ -59,6 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import synthetic  # noqa: E402
 from lognormal_engine import durations_h  # noqa: E402
 from retro import campaign_features, fit_committee, load_pool, make_settings  # noqa: E402
 
@@ -68,6 +69,8 @@ from graceq import steering  # noqa: E402
 POOLS = {
     "roy264": ("roy264/roy264.extxyz", 5.0, "error"),
     "benzamide": ("benzamide/landscape.extxyz", 10.0, "skip"),
+    # drawn, not read (benchmarks/synthetic.py): a pool of CSP size, --synthetic-n structures
+    "synthetic": (None, 10.0, "error"),
 }
 
 
@@ -456,6 +459,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pools", nargs="+", default=list(POOLS), choices=list(POOLS))
     parser.add_argument("--members", type=int, default=256, help="committee members (default: the campaign default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-n", type=int, default=3000, metavar="N",
+                        help="structures of the synthetic pool (--pools synthetic; default 3000)")
     parser.add_argument("--skip-100k", action="store_true", help="leave out decision_s_per_arrival_100k")
     parser.add_argument("--skip-celery", action="store_true", help="leave out the real Celery + Redis run")
     parser.add_argument("--celery-only", action="store_true",
@@ -473,16 +478,25 @@ def main(argv=None) -> None:
         print(json.dumps(out, indent=1) if args.json else out)
         return
     cache = Path(tempfile.gettempdir()) / "graceq-bench-cache"
-    runs, timings = [], []
+    if set(args.pools) == {"synthetic"} and not args.skip_100k:
+        parser.error("the 100k decision is timed at a bundled pool's descriptor width: add roy264 or "
+                     "benzamide to --pools, or --skip-100k")
+    runs, timings, width = [], [], None
     for name in args.pools:
         rel, window, on_bad = POOLS[name]
-        path = str(importlib.resources.files("graceq") / "data" / rel)
-        pool = load_pool(path, "kJ/mol", on_bad)
+        if rel is None:  # the synthetic pool: its features are drawn with it (the same pool for every seed)
+            pool, raw = synthetic.landscape(args.synthetic_n)
+            path = pool.source
+        else:
+            path = str(importlib.resources.files("graceq") / "data" / rel)
+            pool = load_pool(path, "kJ/mol", on_bad)
         settings = make_settings(path, "kJ/mol", window, 20, 8, args.seed, on_bad)
         settings.model.n_members = args.members
         settings.model.members_per_task = args.members
-        raw = campaign_features(pool, settings, cache)
-        width = raw.shape[1]  # the descriptor's width: the 100k decision is timed at it
+        if rel is not None:
+            raw = campaign_features(pool, settings, cache)
+        if rel is not None:
+            width = raw.shape[1]  # the descriptor's width: the 100k decision is timed at it
         features = pool_coordinates(cp.model_inputs(raw, pool.energy_ff_mol, settings.model))
         window_set = set(int(i) for i in pool.window_structures(window))
         hours = durations_h(len(pool), args.seed)

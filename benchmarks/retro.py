@@ -378,6 +378,9 @@ CAMPAIGN_METHODS = {
     # the defaults with the force-field energy as one more input of the delta model (opt-in; not run
     # unless named in --methods)
     "graceq_force_field_feature": {"model": {"force_field_feature": True}},
+    # the defaults with the stop's error law of the committee's spread alone (the default before
+    # 2026-12-07; not run unless named in --methods)
+    "graceq_spread_law": {"error_law": "spread"},
 }
 #: the methods run when --methods is not given
 DEFAULT_METHODS = ("graceq", "seed_recipe", "greedy_predicted_energy")
