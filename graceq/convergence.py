@@ -34,7 +34,7 @@ default). The argument:
    fitted to all of them sees a mixture of scales. It reads that mixture as a heavy tail and
    applies the tail to every unmeasured structure. On a 3,000-structure synthetic landscape
    (``benchmarks/synthetic.py``) that statement stalled: 5 of 10 campaigns stopped only after
-   2,340-2,350 calls, where the law with noise stopped after 510-980, both with every window
+   2,340-2,350 calls, where the law with noise stopped after 530-980, both with every window
    structure found. The law with noise nests the old one (noise 0), so the likelihood decides how
    much noise there is. On ROY-264 at 200-240 calls the likelihood-ratio statistic for it is
    19-32 (one parameter: p < 1e-4), with a normal tail and a noise of 4.7-5.9 kJ/mol per molecule,

@@ -380,3 +380,17 @@ def test_a_large_pool_stops_without_stalling_on_a_noise_the_spread_cannot_see():
         assert fig["recall_at_stop"] == 1.0 and fig["stop_reason"] == "rule"
         stops[law] = fig["calls_at_stop"]
     assert stops["spread_and_noise"] < 1500 < stops["spread"]
+
+
+def test_the_risk_statement_names_the_law_and_its_noise():
+    """What `graceq status` and the report print: the bound, the confidence, the law's tail and its
+    noise in the campaign's unit; records written before the noise term print without it."""
+    record = dict(OLD_RECORD, risk=0.031, risk_confidence=0.95, error_law_df=4.2, error_law_scale=1.3,
+                  error_law_noise=2.5, n_prospective=180, stop_rule="risk")
+    text = cp.risk_statement(record, 0.05, "kJ/mol")
+    assert text == ("P(a window structure is missed) <= 0.031 (stop at <= 0.05), with 95% confidence in the "
+                    "error law (t law, df 4.2, noise 2.5 kJ/mol per molecule, fitted on 180 prospective "
+                    "predictions)")
+    older = {k: v for k, v in record.items() if k != "error_law_noise"}
+    assert "noise" not in cp.risk_statement(older, 0.05, "kJ/mol")
+    assert "normal law, noise 2.5 kJ/mol" in cp.risk_statement(dict(record, error_law_df=1000.0), None, "kJ/mol")
