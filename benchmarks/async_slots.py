@@ -1,6 +1,7 @@
 """Synchronous rounds against asynchronous steering, on replayed landscapes with heavy-tailed jobs.
 
-    python benchmarks/async_slots.py [--json] [--slots 8 32 128] [--pools roy264 benzamide]
+    python benchmarks/async_slots.py [--json] [--slots 8 32 128] [--pools roy264 benzamide synthetic]
+                                     [--synthetic-n 3000]
                                      [--members 256] [--seed 0] [--skip-100k]
                                      [--skip-celery | --celery-only] [--celery-medians 0.5 1 2]
                                      [--celery-members 64]
@@ -39,7 +40,9 @@ labelled and N - 1 jobs pending (synthetic features of the bundled pool's width)
 
 The simulated campaigns work in the pool's own coordinates (``pool_coordinates``: a rotation onto
 the span of its features, which changes no dot product, so no member, prediction or pick): the
-same figures at a fraction of the arithmetic. ``celery``: one real async campaign through Celery
+same figures at a fraction of the arithmetic. ``--pools synthetic``: the 3,000-structure landscape of
+``benchmarks/synthetic.py`` (window 10 kJ/mol), a pool of CSP size, whose campaign stops long
+before the pool runs out (the bundled pools are measured almost whole before an honest stop). ``celery``: one real async campaign through Celery
 and Redis (``celery_run``: 2 workers holding 4 slots, the replay engine's job times drawn from
 the same log-normal with a median of 0.5 s, 1 s and 2 s) against its simulation.
 """
@@ -495,7 +498,6 @@ def main(argv=None) -> None:
         settings.model.members_per_task = args.members
         if rel is not None:
             raw = campaign_features(pool, settings, cache)
-        if rel is not None:
             width = raw.shape[1]  # the descriptor's width: the 100k decision is timed at it
         features = pool_coordinates(cp.model_inputs(raw, pool.energy_ff_mol, settings.model))
         window_set = set(int(i) for i in pool.window_structures(window))
