@@ -36,8 +36,8 @@ default). The argument:
    (``benchmarks/synthetic.py``) that statement stalled: 5 of 10 campaigns stopped only after
    2,340-2,350 calls, where the law with noise stopped after 530-980, both with every window
    structure found. The law with noise nests the old one (noise 0), so the likelihood decides how
-   much noise there is. On ROY-264 at 200-240 calls the likelihood-ratio statistic for it is
-   19-32 (one parameter: p < 1e-4), with a normal tail and a noise of 4.7-5.9 kJ/mol per molecule,
+   much noise there is. On ROY-264 (seed 0) at 200-240 calls the likelihood-ratio statistic for
+   it is 19-32 (one parameter: p < 1e-4), with a normal tail and a noise of 4.7-5.9 kJ/mol per molecule,
    and the statements made in the middle of a campaign are closer to the misses then observed
    (benchmarks/README.md). The noise is profiled over a grid of noise-to-spread ratios
    (``NOISE_GRID``), and the scale factor is solved exactly for each.
