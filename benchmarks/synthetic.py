@@ -49,9 +49,9 @@ def landscape(n: int = 3000, seed: int = 0, d: int = 30, retro=None):
         import retro
     features, e_ff, e_ref = draw(n, seed, d)
     pool = retro.ReplayPool(source=f"synthetic-{n}-seed{seed}", frames=[],
-                      names=np.array([f"synthetic-{i:05d}" for i in range(n)], dtype=object),
-                      n_atoms=np.full(n, ATOMS), energy_ff=e_ff, atoms_per_molecule=ATOMS,
-                      outcomes=[("converged", float(e)) for e in e_ref])
+                            names=np.array([f"synthetic-{i:05d}" for i in range(n)], dtype=object),
+                            n_atoms=np.full(n, ATOMS), energy_ff=e_ff, atoms_per_molecule=ATOMS,
+                            outcomes=[("converged", float(e)) for e in e_ref])
     return pool, features
 
 

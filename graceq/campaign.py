@@ -288,7 +288,7 @@ def risk_statement(stats: dict, target: float | None = None, unit: str = "") -> 
                 "it is fitted on")
     law = f"t law, df {record.error_law_df:.3g}" if record.error_law_df < 999 else "normal law"
     if record.error_law_noise:
-        law += f", noise {record.error_law_noise:.3g} {unit} per molecule".replace("  ", " ")
+        law += f", noise {record.error_law_noise:.3g}{' ' + unit if unit else ''} per molecule"
     goal = "" if target is None else f" (stop at <= {target:g})"
     return (f"P(a window structure is missed) <= {record.risk:.3g}{goal}, with {record.risk_confidence:.0%} "
             f"confidence in the error law ({law}, fitted on {record.n_prospective} prospective predictions)")
@@ -358,17 +358,19 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
         return np.asarray(picks, dtype=int), np.asarray(pick_ei, dtype=float), None
     forecaster = None
     if name == "greedy":
-        key = mu[unlabelled]
+        order = np.argsort(mu[unlabelled], kind="stable")
     else:
         energy, forecasts = view.forecasts()
         forecaster = (best_forecaster(energy, forecasts)[0] if forecasts else None) or "committee"
         if forecaster == "committee" and law is not None and law.noise > 0:
             # the probabilities the stop is stated in (ties, where they round to 0 or 1: by the gap)
-            order = np.lexsort((-gap[unlabelled], -law.p_below(best + window, mu[unlabelled], spread[unlabelled])))
-            return unlabelled[order[:n]].astype(int), ei[unlabelled[order[:n]]], forecaster
-        key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
-               "force_field": lambda: view.energy_ff_mol[unlabelled]}[forecaster]()
-    picks = unlabelled[np.argsort(key, kind="stable")[:n]]
+            p = law.p_below(best + window, mu[unlabelled], spread[unlabelled])
+            order = np.lexsort((-gap[unlabelled], -p))
+        else:
+            key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
+                   "force_field": lambda: view.energy_ff_mol[unlabelled]}[forecaster]()
+            order = np.argsort(key, kind="stable")
+    picks = unlabelled[order[:n]]
     return picks.astype(int), ei[picks], forecaster
 
 

@@ -56,11 +56,16 @@ def bundled(*parts: str) -> Path:
 
 def load_retro():
     """benchmarks/retro.py as a module (the benchmarks folder is not a package)."""
+    return load_benchmark("retro")
+
+
+def load_benchmark(stem: str):
+    """benchmarks/<stem>.py as a module (the benchmarks folder is not a package)."""
     import importlib.util
 
-    name = "graceq_retro_benchmark"
+    name = f"graceq_{stem}_benchmark"
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "retro.py"
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{stem}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while the file executes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import load_retro
+from conftest import load_benchmark, load_retro
 from graceq import campaign as cp
 from graceq import convergence as conv
 from graceq.config import settings_from_dict
@@ -346,21 +346,6 @@ def test_a_campaign_stops_trusting_a_spread_that_says_nothing(monkeypatch):
     assert with_noise <= ff_order + 12 + 6
 
 
-def load_synthetic():
-    """benchmarks/synthetic.py as a module (the benchmarks folder is not a package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "graceq_synthetic_benchmark"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def test_a_large_pool_stops_without_stalling_on_a_noise_the_spread_cannot_see():
     """A 3,000-structure landscape whose delta has a part no ridge learns (t noise, 1.5 kJ/mol):
     the committee's spread shrinks as it learns, the noise does not. The default law (spread and
@@ -368,7 +353,7 @@ def test_a_large_pool_stops_without_stalling_on_a_noise_the_spread_cannot_see():
     alone reads the growing standardised errors as a heavy tail over 3,000 structures and stops
     only near the end of the pool (seed 2: 2,350 calls). Fails when the noise term is dropped."""
     retro = load_retro()
-    pool, X = load_synthetic().landscape(3000, 0, retro=retro)
+    pool, X = load_benchmark("synthetic").landscape(3000, 0, retro=retro)
     window = pool.window_structures(10.0)
     stops = {}
     for law in ("spread_and_noise", "spread"):
