@@ -77,7 +77,8 @@ class CampaignSection(_Section):
     cancel_on_stop: bool = Field(
         False, description="async mode: when the stopping rule fires, cancel the reference jobs still running "
         "(each is recorded as a failed result, \"cancelled\") instead of waiting for them and recording their "
-        "results. Jobs an engine's scheduler holds (submit/poll) are waited for; a budget stop always waits",
+        "results. Jobs an engine's scheduler holds (submit/poll) are waited for; a budget stop always waits, "
+        "and states the risk again once they have landed",
     )
     seed: int = Field(0, description="seed of every random choice (committee subsets)")
     energy_key: str = Field("energy_ff", description="key of the force-field energy (total per cell, in `unit`) "

@@ -615,11 +615,30 @@ class Coordinator:
                         stopped = react(n)
                     else:  # before the first fit: the next farthest point
                         self.send_picks(self.farthest_points_due(n))
+            if stopped:
+                self.assess_after_stop(n, features)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
         return write_summary(self.paths.root)
+
+    def assess_after_stop(self, n: int, features: np.ndarray) -> None:
+        """The last statement of a campaign that stopped on its budget or an exhausted pool, made
+        with every result in (decision n, the last arrival's; it sends nothing: the budget or the
+        pool allows no pick).
+
+        Such a stop is decided when the last job is sent, and the coordinator then waits for the
+        jobs still running: their results came after the stop's statement, which counted them as
+        unmeasured. A chemist reads the campaign's risk once every result is in (as batch mode
+        states it after its last round). A stop by the rule cancels the running jobs, or, without
+        ``cancel_on_stop``, keeps its statement: it already held without them.
+        """
+        last = max(self.store.iterations(), key=lambda it: it["iteration"])
+        if last["iteration"] < n and last.get("stop") in ("budget", "pool exhausted"):
+            c = self.settings.campaign
+            statement = cp.risk_statement(self.decide_on_arrival(n, features).stats.to_json(), c.risk, c.unit)
+            self._say(f"arrival {n}: every running job has landed; {statement}")
 
     def _react(self, n: int, features: np.ndarray) -> str | None:
         """Decide after arrival n, send the picks, launch the refit that falls due; returns the stop.

@@ -105,11 +105,22 @@ def test_async_campaign_keeps_slots_busy_and_its_decisions_replay_from_the_arriv
         n_picks = db.execute("SELECT COUNT(*) FROM picks").fetchone()[0]
         decisions = db.execute("SELECT iteration, stats FROM iterations ORDER BY iteration").fetchall()
     assert n_picks == 24
-    # one decision per arrival from the end of the initial batch on, each with at most the free slots
-    assert [d for d, _ in decisions] == list(range(12, 12 + len(decisions)))
+    # one decision per arrival from the end of the initial batch on until the stop, each with at
+    # most the free slots
+    stops = [d for d, stats in decisions if json.loads(stats)["stop"]]
+    until_stop = [d for d, _ in decisions if d <= stops[0]]
+    assert until_stop == list(range(12, 12 + len(until_stop)))
     for _, stats in decisions:
         stats = json.loads(stats)
         assert stats["n_pending"] + stats["n_next"] <= SLOTS
+    # the budget stop is decided when the last job is sent; once the jobs then running have landed,
+    # the campaign states its risk again with every result in (the last arrival's decision, no picks)
+    first_stop = json.loads(dict(decisions)[stops[0]])
+    assert first_stop["stop"] == "budget" and first_stop["n_pending"] > 0
+    last_decision, last = decisions[-1][0], json.loads(decisions[-1][1])
+    assert last_decision == 24 and last["n_pending"] == 0 and last["n_next"] == 0 and last["stop"]
+    assert len(decisions) == len(until_stop) + 1
+    assert summary["risk"] == last["risk"] and summary["stop"] == last["stop"]
     stored, replayed = _replayed(target)
     assert stored and replayed == stored
 
