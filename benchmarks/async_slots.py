@@ -4,7 +4,8 @@
                                      [--synthetic-n 3000]
                                      [--members 256] [--seed 0] [--skip-100k]
                                      [--skip-celery | --celery-only] [--celery-medians 0.5 1 2]
-                                     [--celery-members 64]
+                                     [--celery-members 64] [--plot PNG]
+    python benchmarks/async_slots.py --from-json OUT.json --plot PNG    # redraw a saved output
 
 An in-process discrete-event simulation on the replay engine's answers. Each structure's reference
 job takes a duration drawn once from a log-normal (median 1 h, sigma 1; seeded), the same in both
@@ -29,7 +30,11 @@ minimum measured) with a rule that never fires if the stop came first. Figures p
 ``calls_to_full_recall`` (jobs sent by then, running ones included), ``utilisation`` (busy
 slot-hours / slot-hours until then); ``wall_h_at_stop``, ``calls_at_stop`` and
 ``utilisation_at_stop`` (the issue's definition: busy slot-hours / slot-hours until the stop, the
-jobs running then counted up to the stop, as ``cancel_on_stop`` cancels them), ``stop`` (the
+jobs running then counted up to the stop: when the rule holds, the campaign has its answer, and
+``cancel_on_stop`` cancels them; a stop on the budget or the pool, "budget" or "pool exhausted",
+ends when its last running job lands, since the campaign's answer needs their results and the
+coordinator waits for them: until 2026-12-07 the simulation ended such a run when its last job
+was sent, and counted the slots busy until then), ``stop`` (the
 decision's: "converged" when the rule held, "budget" or "pool exhausted"), ``idle_at_stop``
 (the idle share of the slot-hours until the stop by cause: ``round``, slots waiting for a round's
 slowest job; ``nothing_left``, every structure sent or the budget reached; ``paused``, async
@@ -113,6 +118,13 @@ class Simulation:
         if self.n_arrived == self.n_initial:
             self.initial_done_h = end
         return idx
+
+    def timeline(self, window: set) -> list[list]:
+        """Every job sent so far as [start h, end h, 1 if its structure lies in the window else 0]
+        (what ``plot`` draws: busy slots and window structures found against wall hours); a job
+        still running ends now (the run is over: ``cancel_on_stop`` cancels it)."""
+        return [[round(t, 3), round(min(t + float(self.hours[i]), self.clock), 3), int(i in window)]
+                for t, i in self.started]
 
     def utilisation(self, since_h: float = 0.0) -> float:
         """Busy slot-hours from ``since_h`` until now (running jobs count up to now) / slot-hours
@@ -213,7 +225,7 @@ def run_sync(pool, features, settings, slots, hours, window: set, descriptor) ->
             if full is None:  # an early stop: on to full recall
                 decision = cp.decide(view, model, features, free, iteration)
         if full is not None and stop is not None:
-            return full | stop
+            return full | stop | {"timeline": sim.timeline(window)}
         _remember(predictions, decision)
         iteration += 1
         queue = [int(i) for i in decision.picks]
@@ -254,11 +266,41 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         return fits[r]
 
     picks_at: dict[int, list] = {}
+
+    def decide(now):
+        """The coordinator's decision after the latest arrival, under ``now``'s settings."""
+        n = len(arrived)
+        r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
+        for old in [key for key in fits if key < r]:  # as the coordinator: an older fit is not used again
+            del fits[old]
+        model, fitted_rows = fit(r)
+        view = _view(pool, picks, arrived, predictions)
+        pending = [i for i in picks if i not in set(arrived)]
+        t = time.perf_counter()
+        decision = steering.decide_on_arrival(view, model, features, now, n, fitted_rows, pending,
+                                              slots - len(pending), span=span)
+        timings.append(time.perf_counter() - t)
+        return decision
+
+    def follow(decision):
+        """Keep the picks' predictions and queue the picks; whether the decision stops."""
+        _remember(predictions, decision)
+        queue.extend(int(i) for i in decision.picks)
+        picks.extend(int(i) for i in decision.picks)
+        return decision.stop is not None
+
     full = stop = None
+    ending = None  # a stop on the budget or the pool: the campaign ends when its running jobs have landed
     while True:
         while queue and len(sim.running) < slots:
             sim.send(queue.pop(0))
         sim.why_idle = "before_first_fit" if len(arrived) < n0 else sim.idle_why(len(pool), c.budget)
+        if ending is not None and not sim.running:  # its last running job has landed: the campaign ends
+            stop, ending = _at_stop(sim, ending), None
+            if full is not None:
+                return full | stop | {"timeline": sim.timeline(window)}
+            stopped = follow(decide(free))  # on to full recall, with a rule that never fires
+            continue
         if not sim.running:
             if window is None:
                 return _figures(sim, set(), arrived)
@@ -269,35 +311,28 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         if window is not None and full is None and window <= set(arrived):
             full = _figures(sim, window, arrived)
         if full is not None and stop is not None:
-            return full | stop
+            return full | stop | {"timeline": sim.timeline(window)}
         if n < n0:
             new = [i for i in farthest_points(n) if i not in set(picks)]
             queue += new
             picks += new
             continue
-        if stopped:
+        if stopped or ending is not None:
             continue
-        r = 0 if n < n0 + 2 * k else (n - n0 - k) // k
-        for old in [key for key in fits if key < r]:  # as the coordinator: an older fit is not used again
-            del fits[old]
-        model, fitted_rows = fit(r)
-        view = _view(pool, picks, arrived, predictions)
-        pending = [i for i in picks if i not in set(arrived)]
-        t = time.perf_counter()
-        now = settings if stop is None else free
-        decision = steering.decide_on_arrival(view, model, features, now, n, fitted_rows, pending,
-                                              slots - len(pending), span=span)
-        timings.append(time.perf_counter() - t)
+        decision = decide(settings if stop is None else free)
         if window is not None and stop is None and decision.stop is not None:
+            if decision.stop != "converged":
+                # budget or pool: the coordinator sends nothing more and waits for the running jobs,
+                # whose results the campaign's answer needs: it ends when the last one lands
+                ending = decision.stop
+                continue
+            # the rule holds: the campaign has its answer now (the running jobs are cancelled with
+            # cancel_on_stop, or waited for and recorded: the statement holds without them)
             stop = _at_stop(sim, decision.stop)
             if full is not None:
-                return full | stop
-            decision = steering.decide_on_arrival(view, model, features, free, n, fitted_rows, pending,
-                                                  slots - len(pending), span=span)  # an early stop: on to full recall
-        _remember(predictions, decision)
-        stopped = decision.stop is not None
-        queue += [int(i) for i in decision.picks]
-        picks += [int(i) for i in decision.picks]
+                return full | stop | {"timeline": sim.timeline(window)}
+            decision = decide(free)  # an early stop: on to full recall
+        stopped = follow(decision)
 
 
 def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0) -> dict:
@@ -455,6 +490,59 @@ def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, b
     return out
 
 
+def _busy(jobs) -> tuple[np.ndarray, np.ndarray]:
+    """Busy slots against hours, as steps: the times (h) where the count changes and the count from
+    each of them on (``jobs``: [start h, end h, ...] rows of a ``timeline``)."""
+    edges = sorted([(j[0], 1) for j in jobs] + [(j[1], -1) for j in jobs])
+    t = np.array([0.0] + [e[0] for e in edges])
+    return t, np.concatenate([[0], np.cumsum([e[1] for e in edges])])
+
+
+def plot(out: dict, path: str | Path) -> Path:
+    """The runs as a figure, one row per (pool, slots): window structures not yet measured against
+    wall hours (left) and busy slots against wall hours (right), rounds and async, each mode's
+    stop a dotted vertical line (async runs on past its stop only when it came before full recall,
+    with a rule that never fires)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in out["runs"] if r["sync"].get("timeline") and r["async"].get("timeline")]
+    if not runs:
+        raise ValueError("no run has a timeline to draw (outputs before 2026-12-07 kept none)")
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12.0, 3.6 * len(runs)), squeeze=False)
+    for (left, right), r in zip(axes, runs):
+        for mode, color, label in (("sync", "C0", f"rounds of {r['slots']}"), ("async", "C1", "async")):
+            m = r[mode]
+            jobs = m["timeline"]
+            found = np.sort([j[1] for j in jobs if j[2]])
+            left.step(np.concatenate([[0.0], found]), r["n_window"] - np.arange(len(found) + 1), where="post",
+                      color=color, label=f"{label}: every window structure after {m['wall_h_to_full_recall']:g} h, "
+                                         f"{m['calls_to_full_recall']} calls")
+            t, busy = _busy(jobs)
+            right.step(t, busy, where="post", color=color, lw=1,
+                       label=f"{label}: {m['utilisation_at_stop']:.0%} busy until its stop "
+                             f"({m['wall_h_at_stop']:g} h, {m['calls_at_stop']} calls)")
+            for ax in (left, right):
+                ax.axvline(m["wall_h_at_stop"], color=color, ls=":", lw=1.2)
+        right.axhline(r["slots"], color="k", lw=0.6)
+        title = f"{r['pool']} ({r['n_pool']} structures, {r['n_window']} in the window), {r['slots']} slots"
+        left.set(title=title, xlabel="wall hours (jobs: log-normal, median 1 h, sigma 1)",
+                 ylabel="window structures not yet measured", xlim=(0, None), ylim=(0, None))
+        right.set(title=title, xlabel="wall hours", ylabel="busy slots", xlim=(0, None), ylim=(0, r["slots"] * 1.08))
+        left.legend(fontsize=7, loc="upper right")
+        right.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, 0.003, "dotted verticals: each mode's stop (its stated risk <= the target); "
+                          "simulated from the replay engine's answers", fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -473,7 +561,15 @@ def main(argv=None) -> None:
                              "simulation's median hour as a second, and either side)")
     parser.add_argument("--celery-members", type=int, default=64,
                         help="committee members of the real run (default 64: its 66-structure pool)")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the runs: window structures found and busy slots "
+                                                      "against wall hours")
+    parser.add_argument("--from-json", metavar="FILE", help="instead of running: draw --plot from a saved JSON output")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot PNG")
+        print(plot(json.loads(Path(args.from_json).read_text()), args.plot))
+        return
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.celery_only:
         out = {_celery_key(m): celery_run(args.seed, args.celery_members, median_s=m, say=say)
@@ -509,7 +605,8 @@ def main(argv=None) -> None:
                    "async": run_async(pool, features, settings, slots, hours, window_set, timings, raw)}
             row["compute_s"] = round(time.perf_counter() - t, 1)
             runs.append(row)
-            say(json.dumps(row))
+            say(json.dumps({k: ({m: v for m, v in row[k].items() if m != "timeline"} if k in ("sync", "async")
+                                else row[k]) for k in row}))
     decision = None if args.skip_100k else decision_time_100k(32, width, args.members)
     out = {
         "runs": runs,
@@ -524,6 +621,8 @@ def main(argv=None) -> None:
                      "seed": args.seed, "refit_every": "slots"},
     }
     print(json.dumps(out, indent=1) if args.json else out)
+    if args.plot:
+        say(f"figure: {plot(out, args.plot)}")
 
 
 def _celery_key(median_s: float) -> str:
