@@ -492,10 +492,13 @@ def celery_run(seed: int, members: int, slots: int = 4, median_s: float = 0.5, b
 
 def _busy(jobs) -> tuple[np.ndarray, np.ndarray]:
     """Busy slots against hours, as steps: the times (h) where the count changes and the count from
-    each of them on (``jobs``: [start h, end h, ...] rows of a ``timeline``)."""
-    edges = sorted([(j[0], 1) for j in jobs] + [(j[1], -1) for j in jobs])
-    t = np.array([0.0] + [e[0] for e in edges])
-    return t, np.concatenate([[0], np.cumsum([e[1] for e in edges])])
+    each of them on (``jobs``: [start h, end h, ...] rows of a ``timeline``). A job that starts when
+    another ends on its slot is one time with no change (no dip drawn)."""
+    jobs = np.asarray(jobs, dtype=np.float64).reshape(-1, 3)
+    t, where = np.unique(np.concatenate([[0.0], jobs[:, 0], jobs[:, 1]]), return_inverse=True)
+    change = np.zeros(len(t))
+    np.add.at(change, where, np.concatenate([[0.0], np.ones(len(jobs)), -np.ones(len(jobs))]))
+    return t, np.cumsum(change).astype(int)
 
 
 def plot(out: dict, path: str | Path) -> Path:
