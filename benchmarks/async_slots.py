@@ -38,7 +38,9 @@ was sent, and counted the slots busy until then), ``stop`` (the
 decision's: "converged" when the rule held, "budget" or "pool exhausted"), ``idle_at_stop``
 (the idle share of the slot-hours until the stop by cause: ``round``, slots waiting for a round's
 slowest job; ``nothing_left``, every structure sent or the budget reached; ``paused``, async
-sending nothing because the committee that believes the running jobs would stop). Fitting and
+sending nothing because the committee that believes the running jobs would stop). Per run,
+``utilisation_ceiling_whole_pool``: the most any schedule can reach measuring the whole pool with
+these durations (``whole_pool_ceiling``; binding where the stop needs the whole pool). Fitting and
 deciding cost no simulated time; their real cost is measured separately as
 ``decision_s_per_arrival_100k``: one arrival decision on a 100,000-structure pool with 1,000
 labelled and N - 1 jobs pending (synthetic features of the bundled pool's width).
@@ -131,6 +133,21 @@ class Simulation:
         in that time."""
         busy = sum(max(0.0, min(self.clock, t + self.hours[i]) - max(since_h, t)) for t, i in self.started)
         return busy / (self.slots * (self.clock - since_h))
+
+
+def whole_pool_ceiling(hours: np.ndarray, slots: int) -> float:
+    """The highest utilisation any schedule can reach when it measures every structure of the pool
+    on ``slots`` slots (durations ``hours``, in hours), even one that knew the durations.
+
+    It sends nothing else (there is nothing else), so its busy slot-hours are ``W = sum(hours)``,
+    and it cannot end before ``W / slots`` nor before its longest job: utilisation until its end
+    <= ``W / (slots max(W / slots, max(hours)))``. With log-normal jobs (sigma 1) the longest of a
+    few hundred is 10-40 median lengths, so on a small pool that every honest stop measures whole
+    (ROY-264) the slots must drain for most of the campaign, whatever decides the picks.
+    """
+    hours = np.asarray(hours, dtype=np.float64)
+    work = float(hours.sum())
+    return work / (slots * max(work / slots, float(hours.max())))
 
 
 def pool_coordinates(features: np.ndarray) -> np.ndarray:
@@ -526,7 +543,7 @@ def plot(out: dict, path: str | Path) -> Path:
             t, busy = _busy(jobs)
             right.step(t, busy, where="post", color=color, lw=1,
                        label=f"{label}: {m['utilisation_at_stop']:.0%} busy until its stop "
-                             f"({m['wall_h_at_stop']:g} h, {m['calls_at_stop']} calls)")
+                             f"({m['stop']}: {m['wall_h_at_stop']:g} h, {m['calls_at_stop']} calls)")
             for ax in (left, right):
                 ax.axvline(m["wall_h_at_stop"], color=color, ls=":", lw=1.2)
         right.axhline(r["slots"], color="k", lw=0.6)
@@ -536,8 +553,9 @@ def plot(out: dict, path: str | Path) -> Path:
         right.set(title=title, xlabel="wall hours", ylabel="busy slots", xlim=(0, None), ylim=(0, r["slots"] * 1.08))
         left.legend(fontsize=7, loc="upper right")
         right.legend(fontsize=7, loc="lower right")
-    fig.text(0.01, 0.003, "dotted verticals: each mode's stop (its stated risk <= the target); "
-                          "simulated from the replay engine's answers", fontsize=7)
+    fig.text(0.01, 0.003, "dotted verticals: each mode's stop (converged: its stated risk <= the target; budget: "
+                          "every structure sent, and the last running job landed); simulated from the replay "
+                          "engine's answers", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -606,6 +624,7 @@ def main(argv=None) -> None:
             row = {"pool": name, "n_pool": len(pool), "window": window, "n_window": len(window_set), "slots": slots,
                    "sync": run_sync(pool, features, settings, slots, hours, window_set, raw),
                    "async": run_async(pool, features, settings, slots, hours, window_set, timings, raw)}
+            row["utilisation_ceiling_whole_pool"] = round(whole_pool_ceiling(hours, slots), 4)
             row["compute_s"] = round(time.perf_counter() - t, 1)
             runs.append(row)
             say(json.dumps({k: ({m: v for m, v in row[k].items() if m != "timeline"} if k in ("sync", "async")

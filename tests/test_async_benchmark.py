@@ -41,3 +41,24 @@ def test_busy_curve_counts_the_jobs_running_and_integrates_to_the_utilisation():
         assert busy[np.searchsorted(t, when, side="right") - 1] == direct
     slot_hours = float(np.sum(np.diff(np.append(t, sim.clock)) * busy))
     assert np.isclose(slot_hours / (sim.slots * sim.clock), sim.utilisation(), atol=1e-3)
+
+
+def test_no_schedule_of_the_whole_pool_beats_the_ceiling():
+    """Every order of sending the whole pool (the slots filled as they free) stays at or under the
+    ceiling, and the ceiling is reached when no job outlasts the slots' share of the work."""
+    bench = load_benchmark("async_slots")
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        slots, n = int(rng.integers(2, 9)), int(rng.integers(10, 40))
+        hours = rng.lognormal(0.0, 1.0, size=n)
+        ceiling = bench.whole_pool_ceiling(hours, slots)
+        sim = bench.Simulation(slots, hours, n_initial=1)
+        queue = list(rng.permutation(n))
+        while queue or sim.running:
+            while queue and len(sim.running) < slots:
+                sim.send(queue.pop(0))
+            sim.next_arrival()
+        assert sim.utilisation() <= ceiling + 1e-12
+    longest = bench.whole_pool_ceiling(np.array([10.0, 1.0, 1.0, 1.0]), 2)
+    assert np.isclose(longest, 13.0 / 20.0)          # the 10 h job sets the end: 13 slot-h of 20
+    assert bench.whole_pool_ceiling(np.ones(8), 4) == 1.0
