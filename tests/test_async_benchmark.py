@@ -44,7 +44,7 @@ def test_busy_curve_counts_the_jobs_running_and_integrates_to_the_utilisation():
 
 
 def test_no_schedule_of_the_whole_pool_beats_the_ceiling():
-    """Every order of sending the whole pool (the slots filled as they free) stays at or under the
+    """Random orders of sending the whole pool (the slots filled as they free) stay at or under the
     ceiling, and the ceiling is reached when no job outlasts the slots' share of the work."""
     bench = load_benchmark("async_slots")
     rng = np.random.default_rng(2)
