@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic  # noqa: E402
 from lognormal_engine import durations_h  # noqa: E402
-from retro import campaign_features, fit_committee, load_pool, make_settings  # noqa: E402
+from retro import campaign_features, fit_committee, load_pool, make_settings, save_figure  # noqa: E402
 
 from graceq import campaign as cp  # noqa: E402
 from graceq import steering  # noqa: E402
@@ -557,11 +557,7 @@ def plot(out: dict, path: str | Path) -> Path:
                           "every structure sent, and the last running job landed); simulated from the replay "
                           "engine's answers", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> None:

@@ -335,9 +335,16 @@ def plot(out: dict, path: str | Path) -> Path:
     fig.text(0.01, 0.005, "lines: median over seeds; bands: range; dotted verticals: mean calls at the stop",
              fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Write a benchmark's figure to ``path`` (its folder made if missing), close it; the path."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
