@@ -89,6 +89,21 @@ committee's spread says nothing about its errors, the mean wins and the campaign
 when the model has not yet learned more than the cheap level knows, the force field wins. The
 choice moves only the order of the picks: the stop rule above keeps the committee's law.
 
+**Why the statement is not an audit sample's.** Total-recall screening (Callaghan and
+Mueller-Hansen, Systematic Reviews 9:273, 2020) stops by rejecting "recall < target" with a
+hypergeometric test on a uniform sample of the unscreened rest: no model is needed. But the target
+there is a recall below one. A window holds a few dozen structures (4-46 on the bundled pools),
+where a 95 % recall target tolerates no miss at all, so the test must reject "at least one window
+structure is unmeasured". A uniform sample of n of the N unmeasured structures misses one given
+window structure with probability 1 - n / N, so rejecting at level R needs n >= (1 - R) N: the audit
+measures 95 % of what is left. Weighting the draws by the model's P(window) (an importance-weighted
+audit) does not help: under that hypothesis the window structure may be the one the weights draw
+least, with probability pi_min <= 1 / N per draw, and n >= ln(1/R) / pi_min >= 3 N draws. A sample
+certifies only what it measures; a statement about the unmeasured needs a law of the errors, and
+the prospective errors are the out-of-sample evidence for one. Even started at the very call of
+full recall (which no campaign knows), the audit would stop after 261 calls on ROY-264 (the rule:
+257) and 654-663 on benzamide (the rule: 618-632), from retro.py's per-seed calls to full recall.
+
 What it cannot see: an error law that changes between the measured and the unmeasured part of
 the pool beyond what the committee's spread already expresses (the spread grows away from the
 training data, which is the point of standardising by it). The retrospective benchmark checks
