@@ -292,7 +292,8 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
             del fits[old]
         model, fitted_rows = fit(r)
         view = _view(pool, picks, arrived, predictions)
-        pending = [i for i in picks if i not in set(arrived)]
+        landed = set(arrived)
+        pending = [i for i in picks if i not in landed]
         t = time.perf_counter()
         decision = steering.decide_on_arrival(view, model, features, now, n, fitted_rows, pending,
                                               slots - len(pending), span=span)
@@ -330,7 +331,8 @@ def run_async(pool, features, settings, slots, hours, window: set | None, timing
         if full is not None and stop is not None:
             return full | stop | {"timeline": sim.timeline(window)}
         if n < n0:
-            new = [i for i in farthest_points(n) if i not in set(picks)]
+            sent = set(picks)
+            new = [i for i in farthest_points(n) if i not in sent]
             queue += new
             picks += new
             continue
@@ -623,8 +625,8 @@ def main(argv=None) -> None:
             row["utilisation_ceiling_whole_pool"] = round(whole_pool_ceiling(hours, slots), 4)
             row["compute_s"] = round(time.perf_counter() - t, 1)
             runs.append(row)
-            say(json.dumps({k: ({m: v for m, v in row[k].items() if m != "timeline"} if k in ("sync", "async")
-                                else row[k]) for k in row}))
+            brief = {mode: {k: v for k, v in row[mode].items() if k != "timeline"} for mode in ("sync", "async")}
+            say(json.dumps(row | brief))  # the progress line without the jobs' timelines
     decision = None if args.skip_100k else decision_time_100k(32, width, args.members)
     out = {
         "runs": runs,

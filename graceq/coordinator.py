@@ -634,7 +634,7 @@ class Coordinator:
         states it after its last round). A stop by the rule cancels the running jobs, or, without
         ``cancel_on_stop``, keeps its statement: it already held without them.
         """
-        last = max(self.store.iterations(), key=lambda it: it["iteration"])
+        last = self.store.iterations()[-1]  # in iteration order
         if last["iteration"] < n and last.get("stop") in ("budget", "pool exhausted"):
             c = self.settings.campaign
             statement = cp.risk_statement(self.decide_on_arrival(n, features).stats.to_json(), c.risk, c.unit)
