@@ -197,6 +197,7 @@ class Trace:
     next_picks: list = field(default_factory=list)    # the batch picked last and not measured
     checkpoints: list = field(default_factory=list)   # (calls made, IterationStats of decide())
     iterations_s: list = field(default_factory=list)
+    predictions: dict = field(default_factory=dict)   # idx -> (mu, raw spread) when it was picked
 
 
 def run_campaign(pool: ReplayPool, features: np.ndarray, settings, max_iterations: int | None = None,
@@ -215,15 +216,20 @@ def run_campaign(pool: ReplayPool, features: np.ndarray, settings, max_iteration
     trace = Trace(order=[int(i) for i in cp.initial_batch(features, pool.energy_ff_mol, c.n_init)])
     features = cp.model_inputs(features, pool.energy_ff_mol, settings.model)  # what the model regresses on
     free_run = _never_stop(settings)
-    predictions: dict[int, tuple[float, float]] = {}
-    iteration = 0
+    predictions = trace.predictions
+    iteration, stopped = 0, False
     while True:
         start = time.perf_counter()
         view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=apm,
                                picks=list(trace.order), results={i: pool.result(i) for i in trace.order},
                                predictions=dict(predictions))
         model = fit_committee(view, features, settings, iteration)
-        decision = cp.decide(view, model, features, free_run, iteration)
+        # the method's own settings until its rule holds (their batches are the campaign's: the last one
+        # may be trimmed to what the stop needs), then a rule that never fires, on to full recall
+        decision = cp.decide(view, model, features, free_run if stopped else settings, iteration)
+        if decision.stop is not None and not stopped:
+            stopped = True
+            decision = cp.decide(view, model, features, free_run, iteration)
         picks = decision.picks
         spread = decision.sigma / decision.stats.calibration
         for i in picks:
@@ -381,7 +387,7 @@ CAMPAIGN_METHODS = {
     "graceq": {},                                                           # the defaults
     "seed_recipe": {"acquisition": "ei", "stop_rule": "p_conv",             # EI + KB + p_conv on the
                     "model": {"force_field_feature": False}},               # seed's descriptor alone
-    "greedy_predicted_energy": {"acquisition": "greedy"},
+    "greedy_predicted_energy": {"acquisition": "greedy", "trim_last_batch": False},  # whole batches
     # the defaults with the force-field energy as one more input of the delta model (opt-in; not run
     # unless named in --methods)
     "graceq_force_field_feature": {"model": {"force_field_feature": True}},

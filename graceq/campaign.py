@@ -374,6 +374,27 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
     return picks.astype(int), ei[picks], forecaster
 
 
+def picks_the_stop_needs(risk: float, p_picks, target: float) -> int:
+    """How many of a batch's picks (in pick order) the stop needs: the fewest k >= 1 after which the
+    stated risk of the structures left, if the first k picks come back as predicted, is at most
+    ``target``: ``risk - sum_{j<k} p_j <= target``, ``p_j`` pick j's probability of the window under
+    the law the risk is stated in; all of them when no prefix gets there.
+
+    The argument: the stop is tested after each batch on the unmeasured structures' summed
+    probability of the window. Once the first k picks would bring that sum to ``target``, the picks
+    after them hold at most ``target`` expected window structures between them (their probabilities
+    are part of the sum left), so sending them spends calls that neither the stop nor the search
+    needs. If the k come back other than predicted (a window structure, a heavier error law), the
+    rule does not fire and the next batch goes on: the trim costs a round of wall time, never a
+    structure.
+    """
+    p = np.asarray(p_picks, dtype=np.float64)
+    if len(p) == 0:
+        return 0
+    enough = np.flatnonzero(risk - np.cumsum(p) <= target)
+    return int(enough[0]) + 1 if len(enough) else len(p)
+
+
 def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int,
            pick: bool = True) -> Decision:
     """Assess the fitted committee, state the risk, test the stop, and pick the next batch
@@ -443,5 +464,8 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
         n = min(batch_size(c.n_batch, len(mu)), budget - stats.n_reference_calls, len(unlabelled))
         picks, pick_ei, stats.forecaster = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap,
                                                     ei, best, c.window, n, spread, law)
+        if c.stop_rule == "risk" and c.mode == "batch" and c.trim_last_batch and law is not None:
+            keep = picks_the_stop_needs(risk, law.p_below(threshold, mu[picks], spread[picks]), c.risk)
+            picks, pick_ei = picks[:keep], pick_ei[:keep]
     stats.n_next = int(len(picks))
     return Decision(stats, mu, sigma, ei, picks, pick_ei, stats.stop)

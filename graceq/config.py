@@ -64,6 +64,12 @@ class CampaignSection(_Section):
         '"ei": Expected Improvement with a Kriging-Believer batch (the seed\'s recipe); "greedy": the lowest '
         "predicted energies",
     )
+    trim_last_batch: bool = Field(
+        True, description='batch mode, stop_rule = "risk": send no more of a batch than the stop needs, the '
+        "picks up to the first after which the stated risk of the structures left, if the picks come back as "
+        "predicted, is at most `risk` (the picks after it would find at most `risk` window structures "
+        "between them); false: always full batches (fewer rounds, more calls)",
+    )
     budget: int = Field(0, ge=0, description="most reference calls (0: the whole pool)")
     mode: Literal["batch", "async"] = Field(
         "batch", description='"batch": synchronous rounds (send a batch, wait for all of it, refit, decide); '

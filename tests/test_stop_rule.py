@@ -379,3 +379,65 @@ def test_the_risk_statement_names_the_law_and_its_noise():
     older = {k: v for k, v in record.items() if k != "error_law_noise"}
     assert "noise" not in cp.risk_statement(older, 0.05, "kJ/mol")
     assert "normal law, noise 2.5 kJ/mol" in cp.risk_statement(dict(record, error_law_df=1000.0), None, "kJ/mol")
+
+
+# -- the last batch: no more picks than the stop needs ------------------------------------------------
+def test_picks_the_stop_needs_by_hand():
+    """The fewest picks after which the risk left, as predicted, is at most the target."""
+    assert cp.picks_the_stop_needs(0.2, [0.1, 0.08, 0.01], 0.05) == 2      # 0.2 - 0.18 = 0.02
+    assert cp.picks_the_stop_needs(0.2, [0.1, 0.05, 0.01], 0.05) == 2      # 0.2 - 0.15 = 0.05: enough
+    assert cp.picks_the_stop_needs(0.2, [0.1, 0.01, 0.01], 0.05) == 3      # no prefix gets there: all
+    assert cp.picks_the_stop_needs(0.06, [0.02, 0.3], 0.05) == 1           # the first pick alone
+    assert cp.picks_the_stop_needs(0.2, [], 0.05) == 0
+
+
+def _near_the_stop(seed: int):
+    """The planted landscape's campaign with whole batches, up to its last assessment before the
+    stop (seed 0: risk 0.051 after 132 calls, where whole batches of 6 take 0.01 each): the view,
+    the committee and the settings there."""
+    retro = load_retro()
+    X, e_ff, e_ref, _ = planted_landscape(seed)
+    n = len(e_ff)
+    pool = retro.ReplayPool(
+        source="synthetic", frames=[], names=np.array([f"s{i}" for i in range(n)], dtype=object),
+        n_atoms=np.full(n, 10), energy_ff=e_ff, outcomes=[("converged", float(e)) for e in e_ref],
+        atoms_per_molecule=10)
+    settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 5.0, "n_init": 12, "n_batch": 6,
+                                                "seed": seed, "trim_last_batch": False},
+                                   "model": {"n_members": 32}})
+    trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: t.checkpoints[-1][1].risk <= 0.055)
+    view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=10,
+                           picks=list(trace.order), results={i: pool.result(i) for i in trace.order},
+                           predictions=dict(trace.predictions))
+    features = cp.model_inputs(X, pool.energy_ff_mol, settings.model)
+    return view, retro.fit_committee(view, features, settings, len(trace.checkpoints) - 1), features, settings
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_the_last_batch_is_trimmed_to_what_the_stop_needs(seed):
+    """Near the stop the batch is the whole batch's first k picks, k the fewest whose probabilities
+    of the window (under the law the risk is stated in) bring the risk left to the target; not in
+    async mode (it decides one arrival at a time)."""
+    view, model, features, settings = _near_the_stop(seed)
+    whole = cp.decide(view, model, features, settings, 1)
+    trimmed_settings = settings.model_copy(deep=True)
+    trimmed_settings.campaign.trim_last_batch = True
+    trimmed = cp.decide(view, model, features, trimmed_settings, 1)
+    s = trimmed.stats
+    assert whole.stop is None and len(whole.picks) == 6
+    k = len(trimmed.picks)
+    assert 1 <= k < 6 and trimmed.picks.tolist() == whole.picks[:k].tolist()
+    law = conv.ErrorLaw(df=s.error_law_df, scale=s.error_law_scale, n=s.n_prospective, noise=s.error_law_noise)
+    p = law.p_below(s.best + 5.0, trimmed.mu[whole.picks], trimmed.sigma[whole.picks] / s.calibration)
+    assert s.risk - p[:k].sum() <= 0.05 < s.risk - p[:k - 1].sum()
+    c = trimmed_settings.campaign.model_copy(update={"mode": "async"})
+    d = cp.decide(view, model, features, trimmed_settings.model_copy(update={"campaign": c}), 1)
+    assert d.picks.tolist() == whole.picks.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trimmed_batches_stop_sooner_and_find_the_planted_structure(seed):
+    fig, found = run_planted(seed)
+    whole, found_whole = run_planted(seed, trim_last_batch=False)
+    assert found and found_whole and fig["stop_reason"] == whole["stop_reason"] == "rule"
+    assert fig["calls_at_stop"] <= whole["calls_at_stop"] and fig["stated_risk_at_stop"] <= 0.05
