@@ -258,6 +258,7 @@ class IterationStats:
     n_pending: int = 0          # asynchronous mode: jobs in flight when the decision was made
     forecaster: str | None = None   # p_window: the forecaster whose ranking picked the batch
     error_law_noise: float | None = None    # the law's noise, energy per molecule (None: records before it)
+    n_trimmed: int = 0          # batch mode: picks left out of the batch, the stop not needing them (trim_last_batch)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -466,6 +467,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
                                                     ei, best, c.window, n, spread, law)
         if c.stop_rule == "risk" and c.mode == "batch" and c.trim_last_batch and law is not None:
             keep = picks_the_stop_needs(risk, law.p_below(threshold, mu[picks], spread[picks]), c.risk)
+            stats.n_trimmed = int(len(picks) - keep)
             picks, pick_ei = picks[:keep], pick_ei[:keep]
     stats.n_next = int(len(picks))
     return Decision(stats, mu, sigma, ei, picks, pick_ei, stats.stop)

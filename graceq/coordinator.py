@@ -378,6 +378,8 @@ class Coordinator:
             f"{unit}/molecule, stated risk {risk}, p_conv {s.p_conv:.3f}, test RMSE {s.test_rmse:.3f} "
             f"{unit}/molecule, ridge lambda {s.ridge_lambda:.1e}, calibration {s.calibration:.2f}"
             + (f" -> stop: {s.stop}" if s.stop else f" -> {s.n_next} next")
+            + (f" ({s.n_trimmed} fewer than a batch: all the stop needs if they come back as predicted)"
+               if s.n_trimmed and not s.stop else "")
         )
         return decision
 

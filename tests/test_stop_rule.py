@@ -427,6 +427,7 @@ def test_the_last_batch_is_trimmed_to_what_the_stop_needs(seed):
     assert whole.stop is None and len(whole.picks) == 6
     k = len(trimmed.picks)
     assert 1 <= k < 6 and trimmed.picks.tolist() == whole.picks[:k].tolist()
+    assert s.n_trimmed == 6 - k and whole.stats.n_trimmed == 0 and s.n_next == k
     law = conv.ErrorLaw(df=s.error_law_df, scale=s.error_law_scale, n=s.n_prospective, noise=s.error_law_noise)
     p = law.p_below(s.best + 5.0, trimmed.mu[whole.picks], trimmed.sigma[whole.picks] / s.calibration)
     assert s.risk - p[:k].sum() <= 0.05 < s.risk - p[:k - 1].sum()
