@@ -261,7 +261,8 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
             features = span.Z
     measured_model, believing = brought_up_to_date(view, model, features, fitted_rows, pending, systems)
     n_batch = max(int(free_slots), 1)
-    c = settings.campaign.model_copy(update={"n_batch": n_batch})
+    # one decision per arrival: what the slots take, never a batch's trim (that is batch mode's)
+    c = settings.campaign.model_copy(update={"n_batch": n_batch, "mode": "async"})
     narrowed = settings.model_copy(update={"campaign": c})
     running = set(pending)
     measured_view = cp.CampaignView(view.n_atoms, view.energy_ff, view.atoms_per_molecule,

@@ -197,8 +197,10 @@ def planted_landscape(seed: int, n: int = 300, above: float = 20.0):
     return X, e_ff, e_ref, planted
 
 
-def run_planted(seed: int, **campaign):
-    """A replay campaign on the planted landscape (in-process, the coordinator's decisions), to its stop."""
+def planted_campaign(seed: int, **campaign):
+    """``(retro, X, pool, settings, planted)``: the planted landscape as a replay pool (one molecule
+    of 10 atoms per cell), a campaign's settings on it (n_init 12, n_batch 6, 32 members), and the
+    planted structure's index."""
     retro = load_retro()
     X, e_ff, e_ref, planted = planted_landscape(seed)
     n = len(e_ff)
@@ -208,8 +210,15 @@ def run_planted(seed: int, **campaign):
         atoms_per_molecule=10)
     settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 5.0, "n_init": 12, "n_batch": 6,
                                                 "seed": seed, **campaign}, "model": {"n_members": 32}})
+    return retro, X, pool, settings, planted
+
+
+def run_planted(seed: int, **campaign):
+    """A replay campaign on the planted landscape (in-process, the coordinator's decisions), to its stop."""
+    retro, X, pool, settings, planted = planted_campaign(seed, **campaign)
+    n = len(pool.energy_ff)
     window = pool.window_structures(5.0)
-    assert planted in window and np.argsort(e_ff)[-1] == planted
+    assert planted in window and np.argsort(pool.energy_ff)[-1] == planted
     trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: retro.figures(
         t, window, settings.campaign, n)["calls_at_stop"] is not None)
     fig = retro.figures(trace, window, settings.campaign, n)
@@ -395,16 +404,7 @@ def _near_the_stop(seed: int):
     """The planted landscape's campaign with whole batches, up to its last assessment before the
     stop (seed 0: risk 0.051 after 132 calls, where whole batches of 6 take 0.01 each): the view,
     the committee and the settings there."""
-    retro = load_retro()
-    X, e_ff, e_ref, _ = planted_landscape(seed)
-    n = len(e_ff)
-    pool = retro.ReplayPool(
-        source="synthetic", frames=[], names=np.array([f"s{i}" for i in range(n)], dtype=object),
-        n_atoms=np.full(n, 10), energy_ff=e_ff, outcomes=[("converged", float(e)) for e in e_ref],
-        atoms_per_molecule=10)
-    settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 5.0, "n_init": 12, "n_batch": 6,
-                                                "seed": seed, "trim_last_batch": False},
-                                   "model": {"n_members": 32}})
+    retro, X, pool, settings, _ = planted_campaign(seed, trim_last_batch=False)
     trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: t.checkpoints[-1][1].risk <= 0.055)
     view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=10,
                            picks=list(trace.order), results={i: pool.result(i) for i in trace.order},
