@@ -161,19 +161,32 @@ def test_status_and_report_commands(embedded_run):
 
 
 def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(embedded_run, roy_small, tmp_path):
-    """Stop early at a stated risk of 0.9, then ask for 0.05: the picks are those of a run aimed at
-    0.05 throughout."""
+    """Stop early at a stated risk of 0.9, then ask for 0.05. The early run's batches are those of
+    the run aimed at 0.05 throughout until the first it cuts short (a batch holds what the stop at
+    0.9 needs, `trim_last_batch`), which is the start of that run's batch; the lifted campaign keeps
+    every early pick and goes on to a stop at 0.05."""
     campaign, _ = embedded_run
     settings = write_settings(tmp_path, roy_small, campaign={"risk": 0.9})
     target = tmp_path / "campaign"
     run_cli("run", str(target), "--settings", str(settings), "--quiet")
     early = json.loads((target / "summary.json").read_text())
     assert early["stop"] == "converged"
-    assert len(picks_of(target)) < len(picks_of(campaign))
+    early_picks = picks_of(target)
+    assert len(early_picks) < len(picks_of(campaign))
+    early_batches, batches = {}, {}
+    for picks, by_iteration in ((early_picks, early_batches), (picks_of(campaign), batches)):
+        for idx, iteration in picks:
+            by_iteration.setdefault(iteration, []).append(idx)
+    for iteration in sorted(early_batches):
+        assert early_batches[iteration] == batches[iteration][:len(early_batches[iteration])], iteration
+        if len(early_batches[iteration]) < len(batches[iteration]):
+            break  # cut short for the stop at 0.9: from here the two runs have measured different sets
     again = run_cli("run", str(target), "--quiet")  # the stop holds: nothing new happens
     assert json.loads((target / "summary.json").read_text())["n_reference_calls"] == early["n_reference_calls"]
     run_cli("run", str(target), "--risk", "0.05", "--quiet")
-    assert picks_of(target) == picks_of(campaign)
+    lifted = json.loads((target / "summary.json").read_text())
+    assert picks_of(target)[:len(early_picks)] == early_picks and len(picks_of(target)) > len(early_picks)
+    assert lifted["stop"] == "converged" and lifted["iterations"][-1]["risk"] <= 0.05
     assert "reference calls" in again.stdout
 
 
