@@ -437,7 +437,7 @@ def test_the_last_batch_is_trimmed_to_what_the_stop_needs(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_trimmed_batches_stop_sooner_and_find_the_planted_structure(seed):
+def test_trimmed_batches_stop_no_later_and_find_the_planted_structure(seed):
     fig, found = run_planted(seed)
     whole, found_whole = run_planted(seed, trim_last_batch=False)
     assert found and found_whole and fig["stop_reason"] == whole["stop_reason"] == "rule"
