@@ -40,6 +40,43 @@ def test_error_laws_maximise_the_t_likelihood():
     assert 2.0 < best.df < 6.0 and 1.3 < best.scale < 2.2     # it finds the law it was drawn from
 
 
+def test_the_stated_risk_is_the_largest_over_the_whole_confidence_set():
+    """The confidence set of tail shapes is an interval of degrees of freedom, not the grid's points
+    inside it: its edges are solved for, and the stated risk is the largest over the interval. The
+    slow, obvious reference: the profile likelihood of 400 degrees of freedom between 1 and 1000,
+    each scale by scipy's scalar search on scipy.stats.t.logpdf; every df it finds plausible (within
+    chi2_1(0.95) / 2 of the grid's best) states no more risk than ``expected_missed`` does."""
+    from scipy import optimize
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_t(4.0, 400) * 1.5
+    laws = conv.error_laws(z, np.ones_like(z), confidence=0.95, noise=False)
+
+    def profile(df):
+        fit = optimize.minimize_scalar(lambda a: -(np.sum(stats.t.logpdf(z * np.exp(-a), df)) - len(z) * a),
+                                       bounds=(-5.0, 5.0), method="bounded", options={"xatol": 1e-10})
+        return -fit.fun, float(np.exp(fit.x))
+
+    cut = max(profile(df)[0] for df in conv.DF_GRID) - stats.chi2.ppf(0.95, 1) / 2
+    grid_laws = [law for law in laws if law.df in conv.DF_GRID]
+    edges = [law for law in laws if law.df not in conv.DF_GRID]
+    assert edges and len(laws) == len(grid_laws) + len(edges)
+    for law in edges:  # on the set's boundary, with its maximum-likelihood scale
+        value, scale = profile(law.df)
+        assert value == pytest.approx(cut, abs=1e-5) and law.scale == pytest.approx(scale, rel=1e-5)
+    heaviest = min(laws, key=lambda law: law.df)
+    assert profile(heaviest.df * 0.999)[0] < cut            # nothing heavier is plausible
+    mu, spread = rng.uniform(8.0, 40.0, 3000), np.ones(3000)  # a pool far above the threshold: the far tail
+    stated, law = conv.expected_missed(mu, spread, 5.0, laws)
+    plausible = [(df, profile(df)[1]) for df in np.exp(np.linspace(0.0, np.log(1000.0), 400))]
+    plausible = [(df, a) for df, a in plausible if profile(df)[0] >= cut]
+    reference = max(float(np.sum(stats.t.cdf((5.0 - mu) / a, df))) for df, a in plausible)
+    assert reference <= stated * (1 + 1e-4)
+    assert law is heaviest                                 # the far tail's risk is the heaviest law's
+    # read off the grid alone, the risk was smaller: the edge is what the statement needs
+    assert conv.expected_missed(mu, spread, 5.0, grid_laws)[0] < 0.9 * stated
+
+
 @pytest.mark.parametrize("case", ["t3", "normal", "cauchy with an outlier", "few, in tied pairs"])
 def test_the_profiled_scales_are_those_of_a_one_dimensional_search(case):
     """The vectorised Newton profile against the slow, obvious reference: for every degree of
@@ -106,7 +143,8 @@ def test_the_noise_law_is_the_maximum_likelihood_over_its_grid():
     assert 1.2 < best.noise < 2.8 and 1.0 < best.scale < 1.8     # drawn with 2.0 and 1.3
     spread_only = conv.error_laws(r, s, confidence=0.95, noise=False)
     z_laws = conv.error_laws(r / s, np.ones_like(s), confidence=0.95, noise=False)
-    assert [(law.df, law.scale) for law in spread_only] == [(law.df, law.scale) for law in z_laws]
+    assert np.allclose([(law.df, law.scale) for law in spread_only], [(law.df, law.scale) for law in z_laws],
+                       rtol=1e-9, atol=0)
     # the noise is what the spread-only law reads as a heavier tail: it states more missed structures
     # far above the threshold (many of them, as a large pool has)
     far_mu, far_s = np.full(2000, 40.0), np.full(2000, 0.3)
@@ -358,9 +396,10 @@ def test_a_campaign_stops_trusting_a_spread_that_says_nothing(monkeypatch):
 def test_a_large_pool_stops_without_stalling_on_a_noise_the_spread_cannot_see():
     """A 3,000-structure landscape whose delta has a part no ridge learns (t noise, 1.5 kJ/mol):
     the committee's spread shrinks as it learns, the noise does not. The default law (spread and
-    noise) stops long before half the pool with every window structure found; the law of the spread
-    alone reads the growing standardised errors as a heavy tail over 3,000 structures and stops
-    only near the end of the pool (seed 2: 2,350 calls). Fails when the noise term is dropped."""
+    noise) stops before half the pool with every window structure found (seed 2: 1,440 calls; no
+    rule that knew the delta and the noise law could state 0.05 before 1,326); the law of the
+    spread alone reads the growing standardised errors as a heavy tail over 3,000 structures and
+    stops only near the end of the pool (2,461 calls). Fails when the noise term is dropped."""
     retro = load_retro()
     pool, X = load_benchmark("synthetic").landscape(3000, 0, retro=retro)
     window = pool.window_structures(10.0)
@@ -373,7 +412,7 @@ def test_a_large_pool_stops_without_stalling_on_a_noise_the_spread_cannot_see():
         fig = retro.figures(trace, window, settings.campaign, len(pool))
         assert fig["recall_at_stop"] == 1.0 and fig["stop_reason"] == "rule"
         stops[law] = fig["calls_at_stop"]
-    assert stops["spread_and_noise"] < 1500 < stops["spread"]
+    assert stops["spread_and_noise"] < 1800 < stops["spread"]
 
 
 def test_the_risk_statement_names_the_law_and_its_noise():
@@ -401,19 +440,23 @@ def test_picks_the_stop_needs_by_hand():
 
 
 def _near_the_stop(seed: int):
-    """The planted landscape's campaign with whole batches, up to its last assessment before the
-    stop (seed 0: risk 0.051 after 132 calls, where whole batches of 6 take 0.01 each): the view,
-    the committee and the settings there."""
-    retro, X, pool, settings, _ = planted_campaign(seed, trim_last_batch=False)
-    trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: t.checkpoints[-1][1].risk <= 0.055)
+    """The planted landscape's campaign at the assessment where it first trimmed a batch (until
+    then a campaign with whole batches made the same decisions): the view, the committee and the
+    settings there, trimming off."""
+    retro, X, pool, settings, _ = planted_campaign(seed, trim_last_batch=True)
+    trace = retro.run_campaign(pool, X, settings, stop_when=lambda t: t.checkpoints[-1][1].n_trimmed > 0)
+    # (seed 2: risk 0.051 after 114 calls, and the first 3 picks of 6 bring it under 0.05)
+    calls = trace.checkpoints[-1][0]
+    picks = list(trace.order[:calls])
     view = cp.CampaignView(n_atoms=pool.n_atoms, energy_ff=pool.energy_ff, atoms_per_molecule=10,
-                           picks=list(trace.order), results={i: pool.result(i) for i in trace.order},
-                           predictions=dict(trace.predictions))
+                           picks=picks, results={i: pool.result(i) for i in picks},
+                           predictions={i: trace.predictions[i] for i in picks if i in trace.predictions})
     features = cp.model_inputs(X, pool.energy_ff_mol, settings.model)
+    settings.campaign.trim_last_batch = False
     return view, retro.fit_committee(view, features, settings, len(trace.checkpoints) - 1), features, settings
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [2])
 def test_the_last_batch_is_trimmed_to_what_the_stop_needs(seed):
     """Near the stop the batch is the whole batch's first k picks, k the fewest whose probabilities
     of the window (under the law the risk is stated in) bring the risk left to the target; not in
