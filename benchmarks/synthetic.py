@@ -32,6 +32,7 @@ ATOMS = 10  # atoms per cell, one molecule per cell
 
 
 FAMILIES = ("linear", "height_noise", "hidden_family", "curved")
+NOISE_DF = 4.0  # the unlearnable noise's t law
 
 
 def draw(n: int = 3000, seed: int = 0, d: int = 30, family: str = "linear") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,6 +56,14 @@ def draw(n: int = 3000, seed: int = 0, d: int = 30, family: str = "linear") -> t
       structures at large ``|q|`` down by up to 20 kJ/mol: errors that are smooth in descriptor
       space, so neighbours share them and the committee's spread does not see them.
     """
+    features, e_ff, loc, scale, noise = _law(n, seed, d, family)
+    return features, e_ff, loc + scale * noise
+
+
+def _law(n: int, seed: int, d: int, family: str):
+    """``draw``'s landscape as its law: features, E_ff, the reference energy's location (E_ff plus
+    every part of the delta but the noise), the noise's scale (kJ/mol per molecule) and the
+    standard t draws (4 df) of the noise."""
     if family not in FAMILIES:
         raise ValueError(f"unknown landscape family {family!r}; one of {', '.join(FAMILIES)}")
     rng = np.random.default_rng([seed, 7])
@@ -62,19 +71,33 @@ def draw(n: int = 3000, seed: int = 0, d: int = 30, family: str = "linear") -> t
     e_ff = rng.gamma(3.0, 6.0, n)
     w = rng.normal(size=d)
     w *= 6.0 / np.sqrt(w @ w)  # the learnable delta's standard deviation: 6 kJ/mol
-    noise = rng.standard_t(4.0, n)
-    if family == "linear":
-        return features, e_ff, e_ff + features @ w + 1.5 * noise
-    u = rng.normal(size=d)
-    q = features @ (u / np.sqrt(u @ u))  # a standard normal coordinate along a random direction
-    delta = features @ w
-    if family == "height_noise":
-        delta = delta + (0.5 + 0.05 * (e_ff - e_ff.min())) * noise
-    elif family == "hidden_family":
-        delta = delta + 1.5 * noise - 10.0 * (q >= np.quantile(q, 0.975))
-    else:
-        delta = delta + 1.5 * noise - 4.0 * (q ** 2 - 1.0) / np.sqrt(2.0)
-    return features, e_ff, e_ff + delta
+    noise = rng.standard_t(NOISE_DF, n)
+    loc, scale = e_ff + features @ w, np.full(n, 1.5)
+    if family != "linear":
+        u = rng.normal(size=d)
+        q = features @ (u / np.sqrt(u @ u))  # a standard normal coordinate along a random direction
+        if family == "height_noise":
+            scale = 0.5 + 0.05 * (e_ff - e_ff.min())
+        elif family == "hidden_family":
+            loc = loc - 10.0 * (q >= np.quantile(q, 0.975))
+        else:
+            loc = loc - 4.0 * (q ** 2 - 1.0) / np.sqrt(2.0)
+    return features, e_ff, loc, scale, noise
+
+
+def true_p_window(n: int, seed: int, d: int, family: str, window: float) -> tuple[np.ndarray, int]:
+    """Each structure's probability of lying in the window under the landscape's own law, given
+    everything but its noise (what a rule that knew the delta exactly could state), and the floor
+    of such a rule: the fewest calls after which it could state 0.05 expected window structures
+    unmeasured. Any rule's honest statement about a set of unmeasured structures is at least the
+    sum of their probabilities here."""
+    from scipy import special
+
+    features, e_ff, loc, scale, noise = _law(n, seed, d, family)
+    threshold = float((loc + scale * noise).min()) + window
+    p = special.stdtr(NOISE_DF, (threshold - loc) / scale)
+    floor = int(n - np.searchsorted(np.cumsum(np.sort(p)), 0.05, side="right"))
+    return p, floor
 
 
 def landscape(n: int = 3000, seed: int = 0, d: int = 30, retro=None, family: str = "linear"):
@@ -91,15 +114,24 @@ def landscape(n: int = 3000, seed: int = 0, d: int = 30, retro=None, family: str
     return pool, features
 
 
-def _run(pool, features, window, settings, threads: int) -> dict:
-    """One campaign to its stop and full recall (in a worker process with ``--jobs``)."""
+def _run(pool, features, window, settings, p_true, threads: int) -> dict:
+    """One campaign to its stop and full recall (in a worker process with ``--jobs``);
+    ``true_expected_missed``: the sum of ``p_true`` (``true_p_window``) over the structures it left
+    unmeasured at its stop, what its statement there should have been at least."""
     import retro
     from threadpoolctl import threadpool_limits
 
+    def done(trace):
+        fig = retro.figures(trace, window, settings.campaign, len(pool))
+        return fig["calls_to_full_recall"] is not None and fig["calls_at_stop"] is not None
+
     with threadpool_limits(threads or None):
-        fig = retro.run_method(pool, features, window, settings)
-    out = {k: fig[k] for k in ("calls_to_full_recall", "calls_at_stop", "recall_at_stop", "stated_risk_at_stop")}
-    out["missed_at_stop"] = int(round(len(window) * (1.0 - fig["recall_at_stop"])))
+        trace = retro.run_campaign(pool, features, settings, stop_when=done)
+    fig = retro.figures(trace, window, settings.campaign, len(pool))
+    out = {k: fig[k] for k in ("calls_to_full_recall", "calls_at_stop", "recall_at_stop", "stated_risk_at_stop",
+                               "missed_at_stop")}
+    unmeasured = np.setdiff1d(np.arange(len(pool)), trace.order[:fig["calls_at_stop"]])
+    out["true_expected_missed"] = round(float(p_true[unmeasured].sum()), 4)
     return out
 
 
@@ -127,19 +159,22 @@ def main(argv=None) -> None:
         for land in args.landscapes:
             pool, features = landscape(args.n, land, retro=retro, family=family)
             window = pool.window_structures(args.window)
+            p_true, floor = true_p_window(args.n, land, 30, family, args.window)
             ff = retro.calls_to_full_recall(np.argsort(pool.energy_ff_mol, kind="stable").tolist(), window)
             for law in args.laws:
                 settings = [retro.make_settings(pool.source, "kJ/mol", args.window, 20, 10, seed, error_law=law)
                             for seed in args.seeds]
-                runs = Parallel(n_jobs=args.jobs)(delayed(_run)(pool, features, window, s, 1 if args.jobs > 1 else 0)
+                runs = Parallel(n_jobs=args.jobs)(delayed(_run)(pool, features, window, s, p_true, 1 if args.jobs > 1 else 0)
                                                   for s in settings)
                 print(json.dumps({"family": family, "landscape": land, "n_pool": args.n, "n_window": len(window),
-                                  "error_law": law, "force_field_order": ff,
+                                  "error_law": law, "force_field_order": ff, "floor_true_law": floor,
                                   "mean_calls_to_full_recall": float(np.mean([r["calls_to_full_recall"] for r in runs])),
                                   "mean_calls_at_stop": float(np.mean([r["calls_at_stop"] for r in runs])),
                                   "early_stops": int(sum(r["missed_at_stop"] > 0 for r in runs)),
                                   "missed_at_stop": int(sum(r["missed_at_stop"] for r in runs)),
                                   "stated_risk_sum": round(float(sum(r["stated_risk_at_stop"] for r in runs)), 4),
+                                  "true_expected_missed_sum": round(float(sum(r["true_expected_missed"] for r in runs)), 4),
+                                  "stops_below_the_true_floor": int(sum(r["calls_at_stop"] < floor for r in runs)),
                                   "per_seed": runs}), flush=True)
 
 
