@@ -355,7 +355,7 @@ def _fitted_laws(residual: bytes, spread: bytes, confidence: float, noise: bool)
     profile, best, log_a = profiled(dfs)
     cut = profile.max() - stats.chi2.ppf(confidence, 1) / 2.0
     kept = profile >= cut
-    laws = [(float(df), law(df, i, a)) for df, i, a, k in zip(dfs, best, log_a, kept) if k]
+    laws = [law(df, i, a) for df, i, a, k in zip(dfs, best, log_a, kept) if k]
     if confidence > 0:
         # the confidence set's edges, solved for between the grid's degrees of freedom: read off the
         # grid, the heaviest plausible tail would be rounded inward to the next grid point (the
@@ -364,13 +364,13 @@ def _fitted_laws(residual: bytes, spread: bytes, confidence: float, noise: bool)
             return float(profiled([np.exp(log_df)])[0][0] - cut)
 
         for j in np.flatnonzero(kept[:-1] != kept[1:]):
-            lo, hi = np.log(dfs[j]), np.log(dfs[j + 1])
-            if above_cut(lo) * above_cut(hi) >= 0:  # a grid point on the cut to round-off: it is the edge
+            try:
+                edge = float(np.exp(optimize.brentq(above_cut, np.log(dfs[j]), np.log(dfs[j + 1]), xtol=1e-6)))
+            except ValueError:  # no sign change: a grid point on the cut to round-off, and it is the edge
                 continue
-            edge = float(np.exp(optimize.brentq(above_cut, lo, hi, xtol=1e-6)))
             _, i, a = profiled([edge])
-            laws.append((edge, law(edge, i[0], a[0])))
-    return tuple(lw for _, lw in sorted(laws, key=lambda pair: pair[0]))
+            laws.append(law(edge, i[0], a[0]))
+    return tuple(sorted(laws, key=lambda lw: lw.df))
 
 
 def expected_missed(mu, spread, threshold: float, laws) -> tuple[float, ErrorLaw | None]:
