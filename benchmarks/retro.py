@@ -399,15 +399,21 @@ CAMPAIGN_METHODS = {
 DEFAULT_METHODS = ("graceq", "seed_recipe", "greedy_predicted_energy")
 
 
-def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
-    """One campaign of one method and seed, to full recall and its own stop; its figures."""
+def run_to_recall_and_stop(pool: ReplayPool, features, window_set, settings) -> tuple[Trace, dict]:
+    """One campaign, run until every window structure is measured and its own rule has held: the
+    trace and its ``figures``."""
     def done(trace):
         fig = figures(trace, window_set, settings.campaign, len(pool))
         return fig["calls_to_full_recall"] is not None and fig["calls_at_stop"] is not None
 
-    t = time.perf_counter()
     trace = run_campaign(pool, features, settings, stop_when=done)
-    fig = figures(trace, window_set, settings.campaign, len(pool))
+    return trace, figures(trace, window_set, settings.campaign, len(pool))
+
+
+def run_method(pool: ReplayPool, features, window_set, settings) -> dict:
+    """One campaign of one method and seed, to full recall and its own stop; its figures."""
+    t = time.perf_counter()
+    trace, fig = run_to_recall_and_stop(pool, features, window_set, settings)
     fig.update(iterations=len(trace.checkpoints), time_s=round(time.perf_counter() - t, 1),
                calls_history=[c for c, _ in trace.checkpoints], missed_history=missed_history(trace, window_set),
                risk_history=[None if not np.isfinite(s.risk) else round(s.risk, 4) for _, s in trace.checkpoints],

@@ -85,7 +85,8 @@ def _law(n: int, seed: int, d: int, family: str):
     return features, e_ff, loc, scale, noise
 
 
-def true_p_window(n: int, seed: int, d: int, family: str, window: float) -> tuple[np.ndarray, int]:
+def true_p_window(n: int = 3000, seed: int = 0, d: int = 30, family: str = "linear",
+                  window: float = 10.0) -> tuple[np.ndarray, int]:
     """Each structure's probability of lying in the window under the landscape's own law, given
     everything but its noise (what a rule that knew the delta exactly could state), and the floor
     of such a rule: the fewest calls after which it could state 0.05 expected window structures
@@ -121,13 +122,8 @@ def _run(pool, features, window, settings, p_true, threads: int) -> dict:
     import retro
     from threadpoolctl import threadpool_limits
 
-    def done(trace):
-        fig = retro.figures(trace, window, settings.campaign, len(pool))
-        return fig["calls_to_full_recall"] is not None and fig["calls_at_stop"] is not None
-
     with threadpool_limits(threads or None):
-        trace = retro.run_campaign(pool, features, settings, stop_when=done)
-    fig = retro.figures(trace, window, settings.campaign, len(pool))
+        trace, fig = retro.run_to_recall_and_stop(pool, features, window, settings)
     out = {k: fig[k] for k in ("calls_to_full_recall", "calls_at_stop", "recall_at_stop", "stated_risk_at_stop",
                                "missed_at_stop")}
     unmeasured = np.setdiff1d(np.arange(len(pool)), trace.order[:fig["calls_at_stop"]])
@@ -159,7 +155,7 @@ def main(argv=None) -> None:
         for land in args.landscapes:
             pool, features = landscape(args.n, land, retro=retro, family=family)
             window = pool.window_structures(args.window)
-            p_true, floor = true_p_window(args.n, land, 30, family, args.window)
+            p_true, floor = true_p_window(args.n, land, family=family, window=args.window)
             ff = retro.calls_to_full_recall(np.argsort(pool.energy_ff_mol, kind="stable").tolist(), window)
             for law in args.laws:
                 settings = [retro.make_settings(pool.source, "kJ/mol", args.window, 20, 10, seed, error_law=law)
