@@ -394,6 +394,8 @@ CAMPAIGN_METHODS = {
     # the defaults with the stop's error law of the committee's spread alone (the default before
     # 2026-12-07; not run unless named in --methods)
     "graceq_spread_law": {"error_law": "spread"},
+    # the defaults with a noise that may grow with the force-field height (opt-in)
+    "graceq_height_law": {"error_law": "spread_noise_height"},
 }
 #: the methods run when --methods is not given
 DEFAULT_METHODS = ("graceq", "seed_recipe", "greedy_predicted_energy")

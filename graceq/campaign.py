@@ -52,6 +52,13 @@ class CampaignView:
     def energy_ff_mol(self) -> np.ndarray:
         return per_molecule(self.energy_ff, self.n_atoms, self.atoms_per_molecule)
 
+    @property
+    def height(self) -> np.ndarray:
+        """Force-field energy per molecule above the pool's lowest (>= 0): where the error law's
+        noise may grow (``error_law = "spread_noise_height"``)."""
+        e = self.energy_ff_mol
+        return e - e.min()
+
     def stable_rows(self) -> np.ndarray:
         """Labelled structures whose reference minimisation converged, in sampling order."""
         return np.array([i for i in self.picks if self.results.get(i, ("", None))[0] == STABLE], dtype=int)
@@ -72,14 +79,15 @@ class CampaignView:
     def count(self, status: str) -> int:
         return sum(1 for s, _ in self.results.values() if s == status)
 
-    def prospective_errors(self) -> tuple[np.ndarray, np.ndarray]:
+    def prospective_errors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Errors E_ref - mu of the measured stable structures, each from the prediction made before
-        it was measured, in sampling order, and those predictions' raw spreads."""
+        it was measured, in sampling order, those predictions' raw spreads and the structures'
+        force-field heights (``height``)."""
         rows = np.array([i for i in self.stable_rows() if int(i) in self.predictions], dtype=int)
         if len(rows) == 0:
-            return np.zeros(0), np.zeros(0)
+            return np.zeros(0), np.zeros(0), np.zeros(0)
         mu, spread = np.array([self.predictions[int(i)] for i in rows], dtype=float).T
-        return prospective_errors(self.reference_mol(rows), mu, spread)
+        return prospective_errors(self.reference_mol(rows), mu, spread, self.height[rows])
 
     def forecasts(self) -> tuple[np.ndarray, dict]:
         """The measured stable structures' reference energies per molecule and, for each, three
@@ -226,8 +234,9 @@ class IterationStats:
     unmeasured, which bounds P(at least one is missed), under the least favourable law of the
     model's errors that the prospective errors leave plausible at ``risk_confidence`` (inf while
     fewer than ``graceq.convergence.MIN_PROSPECTIVE`` prospective errors exist);
-    ``error_law_df``, ``error_law_scale`` and ``error_law_noise`` (energy per molecule) are that
-    law's (graceq.convergence).
+    ``error_law_df``, ``error_law_scale``, ``error_law_noise`` (energy per molecule) and
+    ``error_law_kappa`` (the noise's growth per unit of force-field height) are that law's
+    (graceq.convergence).
     """
 
     iteration: int
@@ -259,6 +268,7 @@ class IterationStats:
     forecaster: str | None = None   # p_window: the forecaster whose ranking picked the batch
     error_law_noise: float | None = None    # the law's noise, energy per molecule (None: records before it)
     n_trimmed: int = 0          # batch mode: picks left out of the batch, the stop not needing them (trim_last_batch)
+    error_law_kappa: float | None = None    # how the law's noise grows with the force-field height (energy / energy)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -290,6 +300,8 @@ def risk_statement(stats: dict, target: float | None = None, unit: str = "") -> 
     law = f"t law, df {record.error_law_df:.3g}" if record.error_law_df < 999 else "normal law"
     if record.error_law_noise:
         law += f", noise {record.error_law_noise:.3g}{' ' + unit if unit else ''} per molecule"
+    if record.error_law_kappa:
+        law += f" and {record.error_law_kappa:.3g} per unit of force-field height"
     goal = "" if target is None else f" (stop at <= {target:g})"
     return (f"P(a window structure is missed) <= {record.risk:.3g}{goal}, with {record.risk_confidence:.0%} "
             f"confidence in the error law ({law}, fitted on {record.n_prospective} prospective predictions)")
@@ -363,9 +375,9 @@ def _acquire(name: str, model, features, view: CampaignView, unlabelled, mu, gap
     else:
         energy, forecasts = view.forecasts()
         forecaster = (best_forecaster(energy, forecasts)[0] if forecasts else None) or "committee"
-        if forecaster == "committee" and law is not None and law.noise > 0:
+        if forecaster == "committee" and law is not None and (law.noise > 0 or law.kappa > 0):
             # the probabilities the stop is stated in (ties, where they round to 0 or 1: by the gap)
-            p = law.p_below(best + window, mu[unlabelled], spread[unlabelled])
+            p = law.p_below(best + window, mu[unlabelled], spread[unlabelled], view.height[unlabelled])
             order = np.lexsort((-gap[unlabelled], -p))
         else:
             key = {"committee": lambda: -gap[unlabelled], "committee_mean": lambda: mu[unlabelled],
@@ -414,10 +426,11 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     threshold = best + c.window
     unlabelled = view.unlabelled()
     conv = convergence_state(mu[unlabelled], sigma[unlabelled], measured, best, c.window)
-    residual, residual_spread = view.prospective_errors()
-    risk, law = expected_missed(mu[unlabelled], spread[unlabelled], threshold,
-                                error_laws(residual, residual_spread, c.risk_confidence,
-                                           noise=c.error_law == "spread_and_noise"))
+    residual, residual_spread, residual_height = view.prospective_errors()
+    height = view.height
+    laws = error_laws(residual, residual_spread, c.risk_confidence, noise=c.error_law != "spread",
+                      height=residual_height if c.error_law == "spread_noise_height" else None)
+    risk, law = expected_missed(mu[unlabelled], spread[unlabelled], threshold, laws, height[unlabelled])
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -444,6 +457,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
         error_law_df=None if law is None else law.df,
         error_law_scale=None if law is None else law.scale,
         error_law_noise=None if law is None else law.noise,
+        error_law_kappa=None if law is None else law.kappa,
         n_prospective=len(residual),
         stop_rule=c.stop_rule,
         acquisition=c.acquisition,
@@ -466,7 +480,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
         picks, pick_ei, stats.forecaster = _acquire(c.acquisition, model, features, view, unlabelled, mu, gap,
                                                     ei, best, c.window, n, spread, law)
         if c.stop_rule == "risk" and c.mode == "batch" and c.trim_last_batch and law is not None:
-            keep = picks_the_stop_needs(risk, law.p_below(threshold, mu[picks], spread[picks]), c.risk)
+            keep = picks_the_stop_needs(risk, law.p_below(threshold, mu[picks], spread[picks], height[picks]), c.risk)
             stats.n_trimmed = int(len(picks) - keep)
             picks, pick_ei = picks[:keep], pick_ei[:keep]
     stats.n_next = int(len(picks))

@@ -50,11 +50,13 @@ class CampaignSection(_Section):
         "the risk is the largest over every error law the campaign's prospective errors leave plausible at "
         "this confidence (0: the maximum-likelihood law alone)",
     )
-    error_law: Literal["spread_and_noise", "spread"] = Field(
+    error_law: Literal["spread_and_noise", "spread_noise_height", "spread"] = Field(
         "spread_and_noise", description='the law of the model\'s errors behind the stated risk: '
         '"spread_and_noise": a t law of scale sqrt((k spread)^2 + noise^2), the committee\'s spread plus an '
-        'error no member learns, both fitted to the prospective errors; "spread": scale k spread alone '
-        "(the rule before 2026-12-07, kept to reproduce it)",
+        'error no member learns, both fitted to the prospective errors; "spread_noise_height": the same with '
+        "a noise that may also grow with the force-field height h above the pool's minimum, "
+        'sqrt(noise^2 + (kappa h)^2), kappa fitted (0 when the errors do not show it); "spread": scale k '
+        "spread alone (the rule before 2026-12-07, kept to reproduce it)",
     )
     p_conv_target: float = Field(0.99, gt=0.0, le=1.0, description='stop when p_conv reaches this (stop_rule = "p_conv")')
     acquisition: Literal["p_window", "ei", "greedy"] = Field(

@@ -178,8 +178,8 @@ def write_summary(root: str | Path) -> dict:
         "iterations": [
             {k: it.get(k) for k in ("iteration", "risk", "p_conv", "residual", "n_expected", "test_rmse",
                                     "calibration", "ridge_lambda", "error_law_df", "error_law_scale",
-                                    "error_law_noise", "n_prospective", "n_labelled", "n_train", "n_reference_calls", "best",
-                                    "max_ei", "forecaster")}
+                                    "error_law_noise", "error_law_kappa", "n_prospective", "n_labelled", "n_train",
+                                    "n_reference_calls", "best", "max_ei", "forecaster")}
             for it in iterations
         ],
     }
