@@ -404,39 +404,23 @@ def _fitted_laws(residual: bytes, spread: bytes, confidence: float, noise: bool,
         ratios, taus = np.repeat(ratios, n_tau), np.tile(taus, len(ratios))   # row = ratio * n_tau + tau
         # (ratio x tau, n): sqrt(s^2 + rho^2 + (tau h)^2)
         widths = np.sqrt(s[None, :] ** 2 + ratios[:, None] ** 2 + (taus[:, None] * h[None, :]) ** 2)
-    z = r[None, :] / widths
-    log_widths = np.sum(np.log(widths), axis=1)
     every_row = np.arange(len(ratios))
 
-    def grid(dfs, rows=every_row):
-        """The log-likelihood of the residuals and the scale's log (solved exactly) for each of the
-        grid's ``rows`` (noise, height term) and each df: two (row, df) arrays."""
-        dfs = np.asarray(dfs, dtype=np.float64)
-        zr = z[rows]
-        log_a = _log_scales(zr ** 2, dfs)
-        loglik = (np.sum(_t_logpdf(zr[:, None, :], dfs[None, :, None], log_a[:, :, None]), axis=2)
-                  - log_widths[rows][:, None])                    # density of the residuals
-        return loglik, log_a
-
     def profiled(dfs, rows=every_row):
-        """For each df: the log-likelihood at the best of ``rows``, that row, and its scale's log."""
-        loglik, log_a = grid(dfs, rows)
-        best = np.argmax(loglik, axis=0)
-        cols = np.arange(len(dfs))
-        return loglik[best, cols], rows[best], log_a[best, cols]
+        """For each df: the log-likelihood at the best of the grid's ``rows`` (noise, height
+        term), that row, and its scale's log."""
+        return _best_rows(*_widths_loglik(r, widths[rows], dfs), rows)
 
     def law(df, i, log_a):
         a = float(np.exp(log_a))
         return ErrorLaw(df=float(df), scale=a, n=len(r), noise=a * float(ratios[i]), kappa=a * float(taus[i]))
 
     dfs = np.asarray(DF_GRID)
-    loglik, log_a = grid(dfs)
-    best = np.argmax(loglik, axis=0)
-    cols = np.arange(len(dfs))
-    profile = loglik[best, cols]
+    loglik, log_a = _widths_loglik(r, widths, dfs)
+    profile, best, best_log_a = _best_rows(loglik, log_a, every_row)
     cut = profile.max() - stats.chi2.ppf(confidence, 1) / 2.0
     kept = profile >= cut
-    laws = [law(df, i, a) for df, i, a, k in zip(dfs, best, log_a[best, cols], kept) if k]
+    laws = [law(df, i, a) for df, i, a, k in zip(dfs, best, best_log_a, kept) if k]
     if confidence > 0:
         # the confidence set's edges, solved for between the grid's degrees of freedom: read off the
         # grid, the heaviest plausible tail would be rounded inward to the next grid point (the
@@ -476,6 +460,26 @@ def _fitted_laws(residual: bytes, spread: bytes, confidence: float, noise: bool,
     return tuple(sorted(laws, key=lambda lw: lw.df))
 
 
+def _widths_loglik(r: np.ndarray, widths: np.ndarray, dfs) -> tuple[np.ndarray, np.ndarray]:
+    """Log-likelihood of the residuals ``r`` (n,) under a t law of each df whose scale is
+    ``a * widths[row]`` (widths (rows, n)), with ``a`` at its maximum likelihood (solved exactly):
+    the log-likelihoods and the logs of ``a``, two (row, df) arrays."""
+    dfs = np.asarray(dfs, dtype=np.float64)
+    z = r[None, :] / widths
+    log_a = _log_scales(z ** 2, dfs)
+    loglik = (np.sum(_t_logpdf(z[:, None, :], dfs[None, :, None], log_a[:, :, None]), axis=2)
+              - np.sum(np.log(widths), axis=1)[:, None])         # density of the residuals
+    return loglik, log_a
+
+
+def _best_rows(loglik: np.ndarray, log_a: np.ndarray, rows: np.ndarray):
+    """For each df (column of :func:`_widths_loglik`'s arrays over ``rows``): the largest
+    log-likelihood, its row of the grid, and that row's scale log."""
+    best = np.argmax(loglik, axis=0)
+    cols = np.arange(loglik.shape[1])
+    return loglik[best, cols], rows[best], log_a[best, cols]
+
+
 def _height_edges(r, s, h, noises, taus, by_tau, cut, dfs) -> list[ErrorLaw]:
     """The laws at the edges of the height term's confidence interval, solved for between the
     grid's height terms (Brent's method in log tau): the profile over the height term, every other
@@ -499,11 +503,7 @@ def _height_edges(r, s, h, noises, taus, by_tau, cut, dfs) -> list[ErrorLaw]:
 
         def at(log_tau):
             widths = np.sqrt(s[None, :] ** 2 + noises[rows, None] ** 2 + (np.exp(log_tau) * h[None, :]) ** 2)
-            zt = r[None, :] / widths
-            log_a = _log_scales(zt ** 2, near_dfs)
-            loglik = (np.sum(_t_logpdf(zt[:, None, :], near_dfs[None, :, None], log_a[:, :, None]), axis=2)
-                      - np.sum(np.log(widths), axis=1)[:, None])
-            return loglik, log_a
+            return _widths_loglik(r, widths, near_dfs)
 
         try:
             edge = optimize.brentq(lambda x: float(at(x)[0].max() - cut), np.log(taus[j]), np.log(taus[j + 1]),
