@@ -18,7 +18,7 @@ import numpy as np
 from graceq.acquisition import expected_improvement, kriging_believer
 from graceq.config import batch_size
 from graceq.convergence import (
-    MIN_PROSPECTIVE, best_forecaster, convergence_state, error_laws, expected_missed, prospective_errors,
+    MIN_PROSPECTIVE, best_forecaster, convergence_state, error_laws, prospective_errors, region_expected_missed,
 )
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
@@ -428,9 +428,11 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     conv = convergence_state(mu[unlabelled], sigma[unlabelled], measured, best, c.window)
     residual, residual_spread, residual_height = view.prospective_errors()
     height = view.height
-    laws = error_laws(residual, residual_spread, c.risk_confidence, noise=c.error_law != "spread",
-                      height=residual_height if c.error_law == "spread_noise_height" else None)
-    risk, law = expected_missed(mu[unlabelled], spread[unlabelled], threshold, laws, height[unlabelled])
+    with_noise, law_height = c.error_law != "spread", residual_height if c.error_law == "spread_noise_height" else None
+    laws = error_laws(residual, residual_spread, c.risk_confidence, noise=with_noise, height=law_height)
+    risk, law = region_expected_missed(mu[unlabelled], spread[unlabelled], threshold, laws,
+                                       (residual, residual_spread, law_height), c.risk_confidence,
+                                       height[unlabelled], noise=with_noise)
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
     with np.errstate(divide="ignore", invalid="ignore"):

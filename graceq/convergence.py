@@ -538,6 +538,118 @@ def expected_missed(mu, spread, threshold: float, laws, height=None) -> tuple[fl
     return sums[k], laws[k]
 
 
+#: unmeasured structures the search for the largest risk over the likelihood region sums over (the
+#: risk at the law it finds is then summed over all of them): a sample stratified by probability
+REGION_SAMPLE = 4096
+
+
+def region_expected_missed(mu, spread, threshold: float, laws, errors, confidence: float = 0.95,
+                           height=None, noise: bool = True) -> tuple[float, ErrorLaw | None]:
+    """The largest expected number of unmeasured window structures over *every* t law that the
+    prospective errors leave plausible, not only over ``laws``: the upper end of the risk's
+    profile-likelihood confidence interval, and the law that gives it.
+
+    The risk ``R(theta) = sum_i F_df((T - mu_i) / w_i)`` is one scalar function of the law's
+    parameters theta = (df, scale, noise[, kappa]); by Wilks its profile likelihood is chi2_1, so its
+    upper confidence bound at ``confidence`` is ``max R(theta)`` subject to
+    ``loglik(theta) >= loglik_max - chi2_1(confidence) / 2``. ``laws`` (:func:`error_laws`) hold
+    the maximum-likelihood path over df and its edges, every other parameter at its best for each df;
+    the maximum of R over them is the region's only when the risk grows along that path alone. It
+    does not in general: a heavier height term with a lighter tail and a wider scale can be as
+    plausible as the path's laws and state twice their risk (the synthetic landscape whose noise
+    grows with the height, benchmarks/README.md). So the largest risk is sought over the region
+    itself (SLSQP, from the largest of ``laws``, in log df, log scale and the noise and kappa in
+    units of the errors' median spread), constrained to the cut, with ``loglik_max`` the best of
+    ``laws`` (the grid's maximum: the region is at least the grid's). The search sums over at most
+    ``REGION_SAMPLE`` of the unmeasured structures (every k-th by the largest law's probability,
+    weighted by k); the risk returned is the exact sum at the law found, whose log-likelihood is
+    checked to be above the cut (else it is pulled back along the segment from the start). The
+    result is never below ``expected_missed`` over ``laws``.
+
+    ``errors``: the prospective errors ``(residual, spread, height or None)`` the laws were fitted
+    on (:func:`prospective_errors`), their heights None unless the law grows with the height (then
+    kappa is searched too); ``height``: the unmeasured structures' force-field heights; ``noise``
+    False: the laws of the spread alone (``error_law = "spread"``), whose noise stays 0.
+    """
+    risk, best = expected_missed(mu, spread, threshold, laws, height)
+    mu, spread = _check(mu, spread)
+    if best is None or len(mu) == 0 or not np.isfinite(risk) or risk <= 0:
+        return risk, best
+    r, s, h = (np.asarray(v, dtype=np.float64) for v in (errors[0], errors[1],
+                                                         np.zeros(len(errors[0])) if errors[2] is None else errors[2]))
+    keep = np.isfinite(r) & np.isfinite(s) & (s > 0) & np.isfinite(h)
+    r, s, h = r[keep], s[keep], h[keep]
+    with_noise, with_kappa = bool(noise), errors[2] is not None
+    unit = float(np.median(s))                            # the noise's unit: the errors' median spread
+    h_unit = float(np.median(h)) or float(np.max(h)) or 1.0
+    hu = np.zeros(len(mu)) if height is None else np.asarray(height, dtype=np.float64).ravel()
+
+    def unpack(x):
+        df, a = float(np.exp(x[0])), float(np.exp(x[1]))
+        noise = float(x[2]) * unit if with_noise else 0.0
+        kappa = float(x[3]) * unit / h_unit if with_kappa else 0.0
+        return df, a, noise, kappa
+
+    def loglik(x):
+        df, a, noise, kappa = unpack(x)
+        w = np.sqrt((a * s) ** 2 + noise ** 2 + (kappa * h) ** 2)
+        return float(np.sum(_t_logpdf(r / w, df, 0.0) - np.log(w)))
+
+    def law_of(x):
+        df, a, noise, kappa = unpack(x)
+        return ErrorLaw(df=df, scale=a, n=len(r), noise=noise, kappa=kappa)
+
+    def to_x(law):
+        x = [np.log(law.df), np.log(law.scale)]
+        if with_noise:
+            x.append(law.noise / unit)
+        if with_kappa:
+            x.append(law.kappa * h_unit / unit)
+        return np.array(x)
+
+    start = to_x(best)
+    bounds = [(0.0, np.log(DF_GRID[-1])), (start[1] - 10.0, start[1] + 10.0)]
+    bounds += [(0.0, 1e3)] * (len(start) - 2)
+    # the cut below the maximum likelihood itself, not the grid's best: the grid steps by 1.5x in the
+    # noise (2.5x in the height term), and its best can lie whole log-likelihood units below
+    top = max((to_x(law) for law in laws), key=loglik)
+    fit = optimize.minimize(lambda x: -loglik(x), top, method="L-BFGS-B", bounds=bounds)
+    top = fit.x if np.all(np.isfinite(fit.x)) and -fit.fun > loglik(top) else top
+    cut = loglik(top) - stats.chi2.ppf(confidence, 1) / 2.0
+    # the search's sample: every k-th structure by the largest law's probability, weight k
+    order = np.argsort(best.p_below(threshold, mu, spread, hu if best.kappa > 0 else None), kind="stable")
+    stride = max(1, -(-len(mu) // REGION_SAMPLE))
+    sample = order[stride // 2::stride]
+    mu_s, sp_s, h_s, weight = mu[sample], spread[sample], hu[sample], len(mu) / len(sample)
+
+    def neg_log_risk(x):
+        df, a, noise, kappa = unpack(x)
+        w = np.sqrt((a * sp_s) ** 2 + noise ** 2 + (kappa * h_s) ** 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(w > 0, (threshold - mu_s) / w, np.where(mu_s <= threshold, np.inf, -np.inf))
+        return -np.log(max(weight * float(np.sum(special.stdtr(df, z))), 1e-300))
+
+    if loglik(start) < cut:              # the set's largest law is outside the region: start at its top
+        start = top
+    try:
+        found = optimize.minimize(neg_log_risk, start, method="SLSQP", bounds=bounds,
+                                  constraints=[{"type": "ineq", "fun": lambda x: loglik(x) - cut}],
+                                  options={"maxiter": 100, "ftol": 1e-8}).x
+    except (ValueError, FloatingPointError):
+        return risk, best
+    if not np.all(np.isfinite(found)):
+        return risk, best
+    if loglik(found) < cut:              # SLSQP stops at the constraint to its tolerance: pull back inside
+        lo, hi = 0.0, 1.0
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if loglik(start + mid * (found - start)) >= cut else (lo, mid)
+        found = start + lo * (found - start)
+    law = law_of(found)
+    value = float(np.sum(law.p_below(threshold, mu, spread, hu if law.kappa > 0 else None)))
+    return (value, law) if value > risk else (risk, best)
+
+
 #: the forecasters of a structure's reference energy that ``acquisition = "p_window"`` chooses
 #: between, each a location and a scale per structure (energy per molecule); the first, the
 #: campaign's committee, ranks unless the measurements show another to forecast better
