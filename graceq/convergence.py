@@ -578,12 +578,15 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     plausible as the path's laws and state twice their risk (the synthetic landscape whose noise
     grows with the height, benchmarks/README.md). So the largest risk is sought over the region
     itself (SLSQP, from the largest of ``laws``, in log df, log scale and the noise and kappa in
-    units of the errors' median spread), constrained to the cut, with ``loglik_max`` the best of
-    ``laws`` (the grid's maximum: the region is at least the grid's). The search sums over at most
+    units of the errors' median spread), constrained to the cut, with ``loglik_max`` the continuous
+    maximum (L-BFGS-B from the best of ``laws``: the grid steps by 1.5x in the noise and 2.5x in
+    the height term, and its best can lie whole units of log-likelihood lower, which would widen
+    the region). The search sums over at most
     ``REGION_SAMPLE`` of the unmeasured structures (every k-th by the largest law's probability,
     weighted by k); the risk returned is the exact sum at the law found, whose log-likelihood is
     checked to be above the cut (else it is pulled back along the segment from the start). The
-    result is never below ``expected_missed`` over ``laws``.
+    result is never below ``expected_missed`` over ``laws`` (the statement before this search; a
+    law of the grid's set may lie just outside the continuous region, and is kept as a floor).
 
     ``errors``: the prospective errors ``(residual, spread, height or None)`` the laws were fitted
     on (:func:`prospective_errors`), their heights None unless the law grows with the height (then
@@ -604,19 +607,20 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     hu = np.zeros(len(mu)) if height is None else np.asarray(height, dtype=np.float64).ravel()
 
     def unpack(x):
+        """(df, scale factor, noise, kappa) of a point of the search."""
         df, a = float(np.exp(x[0])), float(np.exp(x[1]))
-        noise = float(x[2]) * unit if with_noise else 0.0
+        eps = float(x[2]) * unit if with_noise else 0.0
         kappa = float(x[3]) * unit / h_unit if with_kappa else 0.0
-        return df, a, noise, kappa
+        return df, a, eps, kappa
 
     def loglik(x):
-        df, a, noise, kappa = unpack(x)
-        w = np.sqrt((a * s) ** 2 + noise ** 2 + (kappa * h) ** 2)
+        df, a, eps, kappa = unpack(x)
+        w = np.sqrt((a * s) ** 2 + eps ** 2 + (kappa * h) ** 2)
         return float(np.sum(_t_logpdf(r / w, df, 0.0) - np.log(w)))
 
     def law_of(x):
-        df, a, noise, kappa = unpack(x)
-        return ErrorLaw(df=df, scale=a, n=len(r), noise=noise, kappa=kappa)
+        df, a, eps, kappa = unpack(x)
+        return ErrorLaw(df=df, scale=a, n=len(r), noise=eps, kappa=kappa)
 
     def to_x(law):
         x = [np.log(law.df), np.log(law.scale)]
@@ -642,8 +646,8 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     mu_s, sp_s, h_s, weight = mu[sample], spread[sample], hu[sample], len(mu) / len(sample)
 
     def neg_log_risk(x):
-        df, a, noise, kappa = unpack(x)
-        w = np.sqrt((a * sp_s) ** 2 + noise ** 2 + (kappa * h_s) ** 2)
+        df, a, eps, kappa = unpack(x)
+        w = np.sqrt((a * sp_s) ** 2 + eps ** 2 + (kappa * h_s) ** 2)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(w > 0, (threshold - mu_s) / w, np.where(mu_s <= threshold, np.inf, -np.inf))
         return -np.log(max(weight * float(np.sum(special.stdtr(df, z))), 1e-300))
