@@ -613,14 +613,14 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
         kappa = float(x[3]) * unit / h_unit if with_kappa else 0.0
         return df, a, eps, kappa
 
-    def loglik(x):
-        df, a, eps, kappa = unpack(x)
-        w = np.sqrt((a * s) ** 2 + eps ** 2 + (kappa * h) ** 2)
-        return float(np.sum(_t_logpdf(r / w, df, 0.0) - np.log(w)))
-
     def law_of(x):
         df, a, eps, kappa = unpack(x)
         return ErrorLaw(df=df, scale=a, n=len(r), noise=eps, kappa=kappa)
+
+    def loglik(x):
+        law = law_of(x)
+        w = law.scales(s, h)
+        return float(np.sum(_t_logpdf(r / w, law.df, 0.0) - np.log(w)))
 
     def to_x(law):
         x = [np.log(law.df), np.log(law.scale)]
@@ -640,17 +640,13 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     top = fit.x if np.all(np.isfinite(fit.x)) and -fit.fun > loglik(top) else top
     cut = loglik(top) - stats.chi2.ppf(confidence, 1) / 2.0
     # the search's sample: every k-th structure by the largest law's probability, weight k
-    order = np.argsort(best.p_below(threshold, mu, spread, hu if best.kappa > 0 else None), kind="stable")
+    order = np.argsort(best.p_below(threshold, mu, spread, hu), kind="stable")
     stride = max(1, -(-len(mu) // REGION_SAMPLE))
     sample = order[stride // 2::stride]
     mu_s, sp_s, h_s, weight = mu[sample], spread[sample], hu[sample], len(mu) / len(sample)
 
     def neg_log_risk(x):
-        df, a, eps, kappa = unpack(x)
-        w = np.sqrt((a * sp_s) ** 2 + eps ** 2 + (kappa * h_s) ** 2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(w > 0, (threshold - mu_s) / w, np.where(mu_s <= threshold, np.inf, -np.inf))
-        return -np.log(max(weight * float(np.sum(special.stdtr(df, z))), 1e-300))
+        return -np.log(max(weight * float(np.sum(law_of(x).p_below(threshold, mu_s, sp_s, h_s))), 1e-300))
 
     if loglik(start) < cut:              # the set's largest law is outside the region: start at its top
         start = top
@@ -669,7 +665,7 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
             lo, hi = (mid, hi) if loglik(start + mid * (found - start)) >= cut else (lo, mid)
         found = start + lo * (found - start)
     law = law_of(found)
-    value = float(np.sum(law.p_below(threshold, mu, spread, hu if law.kappa > 0 else None)))
+    value = float(np.sum(law.p_below(threshold, mu, spread, hu)))
     return (value, law) if value > risk else (risk, best)
 
 
