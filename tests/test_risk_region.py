@@ -136,3 +136,19 @@ def test_a_large_pool_is_searched_on_a_sample_and_summed_whole(monkeypatch):
 
 def test_no_law_no_statement():
     assert conv.region_expected_missed([1.0], [1.0], 0.0, [], (np.zeros(0), np.zeros(0), None)) == (float("inf"), None)
+
+
+def test_on_a_large_pool_the_df_path_ranked_on_the_sample_keeps_its_exact_maximum():
+    """With more unmeasured structures than ``REGION_SAMPLE`` the laws of the df path are ranked on
+    the search's sample and only the largest are summed whole: the floor must still be the exact
+    maximum over the path (:func:`expected_missed` over every law), and the statement at least it."""
+    for seed in range(4):
+        r, s, h, _, _, _ = _draw(10 + seed, 600, 0.0)
+        rng = np.random.default_rng(seed)
+        mu, sp = rng.uniform(2.0, 40.0, 20000), rng.uniform(0.3, 2.0, 20000)
+        laws = conv.error_laws(r, s)
+        assert len(laws) >= 4
+        exact, law = conv.expected_missed(mu, sp, 0.0, laws)
+        sample = conv._stratified(min(laws, key=lambda lw: lw.df).p_below(0.0, mu, sp))
+        assert conv._path_maximum_on_sample(mu, sp, 0.0, laws, None, sample) == (exact, law)
+        assert conv.region_expected_missed(mu, sp, 0.0, laws, (r, s, None))[0] >= exact
