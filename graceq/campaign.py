@@ -18,7 +18,7 @@ import numpy as np
 from graceq.acquisition import expected_improvement, kriging_believer
 from graceq.config import batch_size
 from graceq.convergence import (
-    MIN_PROSPECTIVE, best_forecaster, convergence_state, error_laws, prospective_errors, region_expected_missed,
+    MIN_PROSPECTIVE, ErrorLaw, best_forecaster, convergence_state, error_laws, prospective_errors, region_expected_missed,
 )
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
@@ -289,6 +289,13 @@ class IterationStats:
             d.setdefault(key, default)
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def error_law(self) -> ErrorLaw | None:
+        """The law the risk was stated in (None while no risk is stated)."""
+        if self.error_law_df is None or not np.isfinite(self.risk):
+            return None
+        return ErrorLaw(df=self.error_law_df, scale=self.error_law_scale, n=self.n_prospective,
+                        noise=self.error_law_noise or 0.0, kappa=self.error_law_kappa or 0.0)
+
 
 def risk_statement(stats: dict, target: float | None = None, unit: str = "") -> str:
     """The stated risk of an iteration's record in words (what `graceq status`, the report and
@@ -409,9 +416,13 @@ def picks_the_stop_needs(risk: float, p_picks, target: float) -> int:
 
 
 def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, settings, iteration: int,
-           pick: bool = True) -> Decision:
+           pick: bool = True, law: ErrorLaw | None = None) -> Decision:
     """Assess the fitted committee, state the risk, test the stop, and pick the next batch
-    (``pick`` False: the assessment and the stop only, no picks; ``stats.n_next`` is then 0)."""
+    (``pick`` False: the assessment and the stop only, no picks; ``stats.n_next`` is then 0).
+
+    ``law``: the error law to state the risk in and rank by, instead of the largest over the
+    likelihood region of the prospective errors (an asynchronous decision's picks reuse the law
+    its check, on the same errors, found: :func:`graceq.steering.decide_on_arrival`)."""
     c = settings.campaign
     apm = view.atoms_per_molecule
     e_ff_mol = view.energy_ff_mol
@@ -429,10 +440,13 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
     residual, residual_spread, residual_height = view.prospective_errors()
     height = view.height
     with_noise, law_height = c.error_law != "spread", residual_height if c.error_law == "spread_noise_height" else None
-    laws = error_laws(residual, residual_spread, c.risk_confidence, noise=with_noise, height=law_height)
-    risk, law = region_expected_missed(mu[unlabelled], spread[unlabelled], threshold, laws,
-                                       (residual, residual_spread, law_height), c.risk_confidence,
-                                       height[unlabelled], noise=with_noise)
+    if law is None:
+        laws = error_laws(residual, residual_spread, c.risk_confidence, noise=with_noise, height=law_height)
+        risk, law = region_expected_missed(mu[unlabelled], spread[unlabelled], threshold, laws,
+                                           (residual, residual_spread, law_height), c.risk_confidence,
+                                           height[unlabelled], noise=with_noise)
+    else:
+        risk = float(np.sum(law.p_below(threshold, mu[unlabelled], spread[unlabelled], height[unlabelled])))
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -230,8 +230,9 @@ def decide_on_arrival(view: cp.CampaignView, model: CommitteeRidge, features: np
     and count towards the budget). The stop is :func:`graceq.campaign.decide`'s, as in batch mode,
     evaluated on what is measured: the pending jobs count as unmeasured, with the committee's honest
     uncertainty (believing them would claim their energies as found). The picks come from the
-    committee that believes them. When that believing committee would already stop (the campaign
-    converges if the running jobs come back as predicted), nothing new is sent until they report.
+    committee that believes them, in the error law the check's risk was stated in. When that
+    believing committee would already stop in it (the campaign converges if the running jobs come
+    back as predicted), nothing new is sent until they report.
 
     ``span``: a :class:`Span` of ``features`` kept from one decision to the next; the decision is
     then made in its coordinates while they are fewer than half the features (the same decision,
@@ -276,7 +277,11 @@ def _decided(view, model, features, settings, decision, fitted_rows, pending, fr
         stop = "budget"
     picks, pick_ei, forecaster = check.picks[:0], check.pick_ei[:0], None
     if stop is None and free_slots > 0:
-        chosen = cp.decide(view, believing(), features, narrowed, decision) if pending else check
+        # the believing committee ranks and pauses in the law the check found on the same errors:
+        # the largest risk over the likelihood region is the check's statement, and searching it
+        # again for the believing committee's predictions cost 0.3 s per arrival on a 100k pool
+        chosen = (cp.decide(view, believing(), features, narrowed, decision, law=check.stats.error_law())
+                  if pending else check)
         picks, pick_ei, forecaster = chosen.picks[:free_slots], chosen.pick_ei[:free_slots], chosen.stats.forecaster
     stats = _updated(check.stats, n_reference_calls=int(n_calls), n_pending=len(pending),
                      n_next=int(len(picks)), stop=stop, forecaster=forecaster)

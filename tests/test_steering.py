@@ -240,3 +240,24 @@ def test_an_arrival_decision_with_jobs_pending_records_the_forecaster_that_ranke
     stopped = steering.decide_on_arrival(view, model, X, settings, 7, fitted_rows=range(50), pending=pending,
                                          free_slots=0)
     assert len(stopped.picks) == 0 and stopped.stats.forecaster is None
+
+
+def test_a_decision_given_back_the_law_it_stated_its_risk_in_states_the_same_risk_and_picks():
+    """An arrival's picks are ranked in the law its check found (``decide(..., law=...)``) instead
+    of a second search over the likelihood region: given the law a decision stated its risk in,
+    the same committee must state the same risk and make the same picks."""
+    X, y, view, settings = _view_and_settings(labelled=50)
+    settings.campaign.acquisition = "p_window"
+    model = _committee(X, y, np.arange(40), np.arange(40, 50))
+    rng = np.random.default_rng(3)
+    mu, sd = model.predict(X, return_std=True)
+    # the predictions made before each pick after the first 20 was measured, with errors of a t law
+    predictions = {i: (float(4 * mu[i] + 4 * sd[i] * rng.standard_t(5)), float(4 * sd[i] / model.calibration_))
+                   for i in range(20, 50)}
+    view = cp.CampaignView(view.n_atoms, view.energy_ff, 4, view.picks, view.results, predictions)
+    searched = cp.decide(view, model, X, settings, 7)
+    assert np.isfinite(searched.stats.risk) and searched.stats.error_law() is not None
+    given = cp.decide(view, model, X, settings, 7, law=searched.stats.error_law())
+    assert given.stats.risk == pytest.approx(searched.stats.risk, rel=1e-12)
+    np.testing.assert_array_equal(given.picks, searched.picks)
+    assert given.stats.error_law() == searched.stats.error_law()
