@@ -377,8 +377,16 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     n_atoms = np.full(n, 32)
     results = {i: ("converged", float(y[i] * 32)) for i in range(n_lab)}
     pending = list(range(n_lab, n_lab + slots - 1))
+    # every pick after the initial batch has the prediction made before it was measured, as the
+    # picks table keeps it: so the stop rule fits its error law on ~1,000 prospective errors and
+    # states the risk (twice: the check, then the believing committee's picks), as a real
+    # campaign with 1,000 labelled does. The errors: a t law (4 df) whose scale is the raw spread
+    # grown by 1.5 with a noise of half the median spread, per molecule (16 atoms each)
+    spread = 0.02 * np.exp(0.5 * rng.normal(size=n_lab))
+    error = np.hypot(1.5 * spread, 0.01) * rng.standard_t(4, size=n_lab)
+    predictions = {i: (float(2 * y[i] - error[i]), float(spread[i])) for i in range(20, n_lab)}
     view = cp.CampaignView(n_atoms=n_atoms, energy_ff=np.zeros(n), atoms_per_molecule=16,
-                           picks=list(range(n_lab)) + pending, results=results)
+                           picks=list(range(n_lab)) + pending, results=results, predictions=predictions)
     settings = settings_from_dict({"campaign": {"pool": "synthetic", "window": 0.5, "n_batch": 1},
                                    "model": {"n_members": members}})
     # as the coordinator's refit schedule has it: the committee was fitted 1.5 x slots arrivals ago
@@ -402,7 +410,11 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     timed["features"] = time.perf_counter() - t
     if list(in_span.picks) != list(in_features.picks):
         raise RuntimeError(f"the span's decision {in_span.picks} differs from the features' {in_features.picks}")
-    return {k: round(v, 3) for k, v in timed.items()} | {"span_coordinates": span.r}
+    if not np.isfinite(in_span.stats.risk):
+        raise RuntimeError("the 100k decision stated no risk: its prospective errors were not used")
+    return {k: round(v, 3) for k, v in timed.items()} | {"span_coordinates": span.r,
+                                                         "n_prospective": in_span.stats.n_prospective,
+                                                         "stated_risk": round(float(in_span.stats.risk), 4)}
 
 
 def _free_port() -> int:
