@@ -379,7 +379,7 @@ def decision_time_100k(slots: int, n_features: int, members: int, seed: int = 0)
     pending = list(range(n_lab, n_lab + slots - 1))
     # every pick after the initial batch has the prediction made before it was measured, as the
     # picks table keeps it: so the stop rule fits its error law on ~1,000 prospective errors and
-    # states the risk (twice: the check, then the believing committee's picks), as a real
+    # states the risk (the check; the believing committee's picks reuse its law), as a real
     # campaign with 1,000 labelled does. The errors: a t law (4 df) whose scale is the raw spread
     # grown by 1.5 with a noise of half the median spread, per molecule (16 atoms each)
     spread = 0.02 * np.exp(0.5 * rng.normal(size=n_lab))

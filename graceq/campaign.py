@@ -18,7 +18,8 @@ import numpy as np
 from graceq.acquisition import expected_improvement, kriging_believer
 from graceq.config import batch_size
 from graceq.convergence import (
-    MIN_PROSPECTIVE, ErrorLaw, best_forecaster, convergence_state, error_laws, prospective_errors, region_expected_missed,
+    MIN_PROSPECTIVE, ErrorLaw, best_forecaster, convergence_state, error_laws, expected_missed, prospective_errors,
+    region_expected_missed,
 )
 from graceq.model import CommitteeRidge, chronological_split
 from graceq.selection import farthest_point_sampling
@@ -446,7 +447,7 @@ def decide(view: CampaignView, model: CommitteeRidge, features: np.ndarray, sett
                                            (residual, residual_spread, law_height), c.risk_confidence,
                                            height[unlabelled], noise=with_noise)
     else:
-        risk = float(np.sum(law.p_below(threshold, mu[unlabelled], spread[unlabelled], height[unlabelled])))
+        risk, _ = expected_missed(mu[unlabelled], spread[unlabelled], threshold, [law], height[unlabelled])
     ei = np.full(len(mu), np.nan)
     ei[unlabelled] = expected_improvement(mu[unlabelled], sigma[unlabelled], best, c.window)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -271,11 +271,16 @@ class ErrorLaw:
     def p_below(self, threshold: float, mu, spread, height=None) -> np.ndarray:
         """P(E <= threshold) for each structure of predicted mean ``mu``, raw spread ``spread`` and
         force-field height ``height`` (spread 0 and no noise: 1 at or below the threshold, else 0)."""
+        return special.stdtr(self.df, self.gaps(threshold, mu, spread, height)[0])
+
+    def gaps(self, threshold: float, mu, spread, height=None) -> tuple[np.ndarray, np.ndarray]:
+        """Each structure's gap to the threshold in units of its scale, ``z = (threshold - mu) / w``
+        (+-inf where ``w`` is 0), and the scales ``w`` (:meth:`scales`): ``p_below`` is ``F(z)``."""
         mu = np.asarray(mu, dtype=np.float64)
         scale = self.scales(spread, height)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(scale > 0, (threshold - mu) / scale, np.where(mu <= threshold, np.inf, -np.inf))
-        return special.stdtr(self.df, z)
+        return z, scale
 
     def loglik(self, z) -> float:
         """Log-likelihood of the spread-standardised errors ``z`` under the law without noise."""
@@ -612,8 +617,7 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     sample = None
     if len(mu) > REGION_SAMPLE and laws:
         # the path ranked on the search's sample (stratified by the heaviest law), only its largest summed whole
-        sample = _stratified(min(laws, key=lambda lw: lw.df).p_below(threshold, mu, spread, height))
-        risk, best = _path_maximum_on_sample(mu, spread, threshold, laws, height, sample)
+        risk, best, sample = _path_maximum_on_sample(mu, spread, threshold, laws, height)
     else:
         risk, best = expected_missed(mu, spread, threshold, laws, height)
     if best is None or len(mu) == 0 or not np.isfinite(risk) or risk <= 0:
@@ -671,9 +675,7 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
         (through the t density), a forward difference in log df (one more cdf of the sample), where
         SLSQP's own differences cost a cdf per parameter."""
         law = law_of(x)
-        w = law.scales(sp_s, h_s)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(w > 0, (threshold - mu_s) / w, np.where(mu_s <= threshold, np.inf, -np.inf))
+        z, w = law.gaps(threshold, mu_s, sp_s, h_s)
         total = float(np.sum(special.stdtr(law.df, z)))
         if not total > 0:
             return -np.log(1e-300), np.zeros(len(x))   # as the floor below: no risk in the sample
@@ -723,19 +725,27 @@ def _stratified(p: np.ndarray) -> np.ndarray:
     return np.argsort(p, kind="stable")[stride // 2::stride]
 
 
-def _path_maximum_on_sample(mu, spread, threshold, laws, height, sample) -> tuple[float, ErrorLaw]:
+def _path_maximum_on_sample(mu, spread, threshold, laws, height) -> tuple[float, ErrorLaw, np.ndarray]:
     """:func:`expected_missed` over ``laws`` on a large pool, at a fraction of its cost: every law's
-    sum estimated on ``sample`` (:func:`_stratified`), and the ``PATH_EXACT`` largest estimates
-    summed over every structure; the largest of those exact sums and its law. Each law's exact sum
-    costs a t cdf per unmeasured structure, 15-25 ms on 100,000, and a path holds 4-30 laws:
-    summed whole, the path took a fifth of an arrival's decision on a large pool. The sample only
-    ranks; the value is exact. Neighbouring laws of the path differ in their sums by far more than
-    the sample's error, whose strata are the probabilities themselves, and the path's maximum is
-    only the region search's floor (the search covers every law of the path)."""
+    sum estimated on a sample (:func:`_stratified` by the heaviest law's probabilities), and the
+    ``PATH_EXACT`` largest estimates summed over every structure; the largest of those exact sums,
+    its law, and the sample (the region search's). Each law's exact sum costs a t cdf per
+    unmeasured structure, 15-25 ms on 100,000, and a path holds 4-30 laws: summed whole, the path
+    took a fifth of an arrival's decision on a large pool. The sample only ranks; the value is
+    exact. Neighbouring laws of the path differ in their sums by far more than the sample's error,
+    whose strata are the probabilities themselves, and the path's maximum is only the region
+    search's floor (the search covers every law of the path)."""
+    heaviest = min(range(len(laws)), key=lambda k: laws[k].df)
+    p_heaviest = laws[heaviest].p_below(threshold, mu, spread, height)
+    sample = _stratified(p_heaviest)
     hs = None if height is None else np.asarray(height, dtype=np.float64)[sample]
     estimate = [float(np.sum(lw.p_below(threshold, mu[sample], spread[sample], hs))) for lw in laws]
-    top = np.argsort(estimate, kind="stable")[::-1][:PATH_EXACT]
-    return expected_missed(mu, spread, threshold, [laws[k] for k in top], height)
+    top = [int(k) for k in np.argsort(estimate, kind="stable")[::-1][:PATH_EXACT]]
+    # the heaviest law's probabilities are already summed over every structure: not again
+    exact = {k: float(np.sum(p_heaviest)) if k == heaviest else
+             float(np.sum(laws[k].p_below(threshold, mu, spread, height))) for k in top}
+    k = max(top, key=exact.get)
+    return exact[k], laws[k], sample
 
 
 #: the forecasters of a structure's reference energy that ``acquisition = "p_window"`` chooses
