@@ -12,13 +12,19 @@ the stop, the true expected misses there (the sum of the true probabilities of w
 at four fixed looks (the true floor and 50, 100, 200 calls after it) whether the statement was at
 least the truth. The first 20 calls (the initial batch) have no prospective error.
 
-    python benchmarks/coverage.py --pool-size 400 --reps 200 --confidence 0.95 0.99 --jobs 2
+    python benchmarks/coverage.py --pool-size 400 --reps 800 --confidence 0.95 --jobs 2 --json > OUT95.json
     python benchmarks/coverage.py --pool-size 3000 --reps 80 --confidence 0.95 0.99 --jobs 2 --json
+    python benchmarks/coverage.py --from-json OUT95.json OUT99.json --plot PNG    # redraw saved outputs
+
+Shares are printed with Wilson's 95 % interval: with 200 replicates a share of 5 % is known only to
+within 2.8-8.8 %, so a shortfall of a point needs about 800 to show.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -63,6 +69,92 @@ def replicate(rep: int, n: int, confidences, looks, fixed) -> dict:
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95 % interval of a share k / n (a binomial proportion; exact enough at n >= 80)."""
+    p, d = k / n, 1.0 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return round(float(centre - half), 4), round(float(centre + half), 4)
+
+
+def summarise(runs: list, n: int, confidence: float, floor: int, fixed) -> dict:
+    """One confidence's figures over the replicates ``runs`` (``replicate``'s outputs, keyed by the
+    confidence as a float or as its string), with Wilson intervals of the shares."""
+    st = [r.get(confidence, r.get(str(confidence))) for r in runs]
+    stops = np.array([x["stop"] if x["stop"] is not None else n for x in st])
+    stated = np.array([x["stated_at_stop"] if x["stop"] is not None else 0.0 for x in st])
+    true = np.array([x["true_at_stop"] if x["stop"] is not None else 0.0 for x in st])
+    short, above = int(np.sum(true > stated)), int(np.sum(true > TARGET))
+
+    def look(x, m):                        # [stated, true] at look m (int keys, or str once read from JSON)
+        return x["fixed"][m] if m in x["fixed"] else x["fixed"][str(m)]
+
+    fixed_short = {str(m): int(sum(look(x, m)[1] > look(x, m)[0] for x in st)) for m in fixed}
+    return {
+        "stop_mean": round(float(stops.mean()), 1), "stop_min": int(stops.min()), "stop_max": int(stops.max()),
+        "true_floor": floor,
+        "share_of_stops_stating_less_than_the_truth": round(short / len(st), 4),
+        "share_of_stops_stating_less_than_the_truth_95ci": wilson(short, len(st)),
+        "share_of_stops_with_true_risk_above_target": round(above / len(st), 4),
+        "share_of_stops_with_true_risk_above_target_95ci": wilson(above, len(st)),
+        "stated_sum": round(float(stated.sum()), 3), "true_sum": round(float(true.sum()), 3),
+        "fixed_look_share_stating_less_than_the_truth": {m: round(k / len(st), 4) for m, k in fixed_short.items()},
+        "fixed_look_share_95ci": {m: wilson(k, len(st)) for m, k in fixed_short.items()},
+    }
+
+
+def plot(outputs: list[dict], path) -> "Path":
+    """The benchmark as a figure: left, the stated against the true expected misses at each stop
+    (log-log; below the diagonal the bound fell short); right, the share of bounds below the truth
+    at the fixed looks and at the stop, with Wilson 95 % intervals, against 1 - confidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from retro import save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.6))
+    bars, labels = [], []
+    k = 0
+    for out in outputs:
+        for c in out["by_confidence"]:
+            b = summarise(out["runs"], out["pool_size"], c, out["true_floor"], out["fixed_looks"])
+            color = f"C{k}"
+            k += 1
+            st = [r[c] for r in out["runs"] if r[c]["stop"] is not None]
+            true = np.array([x["true_at_stop"] for x in st])
+            stated = np.array([x["stated_at_stop"] for x in st])
+            left.scatter(np.maximum(true, 1e-4), np.maximum(stated, 1e-2), s=6, alpha=0.5, color=color,
+                         label=f"confidence {float(c):g}: {len(st)} stops, {b['share_of_stops_stating_less_than_the_truth']:.1%} below the truth")
+            looks = [(f"look {m}", v, b["fixed_look_share_95ci"][m])
+                     for m, v in b["fixed_look_share_stating_less_than_the_truth"].items()]
+            looks.append(("stop", b["share_of_stops_stating_less_than_the_truth"],
+                          b["share_of_stops_stating_less_than_the_truth_95ci"]))
+            x = np.arange(len(looks)) + 0.35 * (k - 1)
+            y = np.array([v for _, v, _ in looks])
+            err = np.array([[v - lo, hi - v] for _, v, (lo, hi) in looks]).T
+            bars.append(right.errorbar(x, y, yerr=err, fmt="o", color=color, capsize=3,
+                                       label=f"confidence {float(c):g} ({out['reps']} replicates)"))
+            right.axhline(1 - float(c), color=color, ls=":", lw=1)
+            labels = [name for name, _, _ in looks]
+    lim = [1e-4, 1.0]
+    left.plot(lim, lim, "k-", lw=0.8)
+    left.axhline(TARGET, color="grey", ls="--", lw=0.8)
+    left.axvline(TARGET, color="grey", ls="--", lw=0.8)
+    left.set(xscale="log", yscale="log", xlim=lim, ylim=[1e-2, 0.2], xlabel="true expected misses at the stop",
+             ylabel="stated expected misses at the stop",
+             title=f"pool of {outputs[0]['pool_size']}: the stop's statement against the truth")
+    left.legend(fontsize=7, loc="lower right")
+    right.set_xticks(np.arange(len(labels)) + 0.175)
+    right.set_xticklabels(labels)
+    right.set(ylabel="share of bounds below the truth", ylim=(0, None),
+              title="fixed looks (calls) and the stop; dotted: 1 - confidence")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=400)
@@ -70,7 +162,18 @@ def main(argv=None) -> None:
     parser.add_argument("--confidence", type=float, nargs="+", default=[0.95, 0.99])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the JSON object (every replicate) too")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the statements against the truth")
+    parser.add_argument("--from-json", metavar="FILE", nargs="+",
+                        help="instead of running: draw --plot from saved --json outputs (one or more)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot PNG")
+        # the JSON object is the output's last line that is one (the summary lines come before it)
+        outputs = [json.loads([line for line in Path(f).read_text().splitlines() if line.startswith("{")][-1])
+                   for f in args.from_json]
+        print(plot(outputs, args.plot))
+        return
     n = args.pool_size
     _, _, tail = pool(n)
     m0 = int(np.argmax(tail <= 5 * TARGET)); m0 -= m0 % 10
@@ -81,26 +184,17 @@ def main(argv=None) -> None:
                                       for k in range(args.reps))
     summary = {"pool_size": n, "reps": args.reps, "true_floor": floor, "fixed_looks": fixed, "by_confidence": {}}
     for c in args.confidence:
-        st = [r[c] for r in runs]
-        stops = np.array([x["stop"] if x["stop"] is not None else n for x in st])
-        stated = np.array([x["stated_at_stop"] if x["stop"] is not None else 0.0 for x in st])
-        true = np.array([x["true_at_stop"] if x["stop"] is not None else 0.0 for x in st])
-        summary["by_confidence"][str(c)] = {
-            "stop_mean": round(float(stops.mean()), 1), "stop_min": int(stops.min()), "stop_max": int(stops.max()),
-            "share_of_stops_stating_less_than_the_truth": round(float(np.mean(true > stated)), 4),
-            "share_of_stops_with_true_risk_above_target": round(float(np.mean(true > TARGET)), 4),
-            "stated_sum": round(float(stated.sum()), 3), "true_sum": round(float(true.sum()), 3),
-            "fixed_look_share_stating_less_than_the_truth": {
-                str(m): round(float(np.mean([x["fixed"][m][1] > x["fixed"][m][0] for x in st])), 4) for m in fixed},
-        }
-        b = summary["by_confidence"][str(c)]
+        b = summary["by_confidence"][str(c)] = summarise(runs, n, c, floor, fixed)
         print(f"pool {n}, confidence {c}: stop {b['stop_mean']} ({b['stop_min']}-{b['stop_max']}) calls, true floor "
-              f"{floor}; stops stating less than the truth {b['share_of_stops_stating_less_than_the_truth']:.1%}, "
-              f"with the true risk above {TARGET}: {b['share_of_stops_with_true_risk_above_target']:.1%}; stated "
-              f"{b['stated_sum']} / true {b['true_sum']} summed over the stops; at fixed looks "
-              f"{b['fixed_look_share_stating_less_than_the_truth']}")
+              f"{floor}; stops stating less than the truth {b['share_of_stops_stating_less_than_the_truth']:.1%} "
+              f"(95 % interval {b['share_of_stops_stating_less_than_the_truth_95ci']}), with the true risk above "
+              f"{TARGET}: {b['share_of_stops_with_true_risk_above_target']:.1%}; stated {b['stated_sum']} / true "
+              f"{b['true_sum']} summed over the stops; at fixed looks {b['fixed_look_share_stating_less_than_the_truth']}")
+    out = summary | {"runs": [{str(c): v for c, v in r.items()} for r in runs]}
+    if args.plot:
+        print(f"figure: {plot([json.loads(json.dumps(out))], args.plot)}")
     if args.json:
-        print(json.dumps(summary | {"runs": [{str(c): v for c, v in r.items()} for r in runs]}))
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":
