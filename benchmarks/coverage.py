@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 from scipy import special
+from tqdm import tqdm
 
 from graceq import convergence as conv
 
@@ -74,6 +75,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, d = k / n, 1.0 + z * z / n
     centre, half = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return round(float(centre - half), 4), round(float(centre + half), 4)
+
+
+def _percent(interval) -> str:
+    return f"{100 * interval[0]:.1f}-{100 * interval[1]:.1f} %"
 
 
 def summarise(runs: list, n: int, confidence: float, floor: int, fixed) -> dict:
@@ -180,14 +185,16 @@ def main(argv=None) -> None:
     floor = int(np.argmax(tail <= TARGET))
     fixed = sorted({f for f in (floor - floor % 10 + k for k in (0, 50, 100, 200)) if f < n})
     looks = list(range(max(m0, 40), n + 1, 10))
-    runs = Parallel(n_jobs=args.jobs)(delayed(replicate)(k, n, args.confidence, looks, set(fixed))
-                                      for k in range(args.reps))
+    # a bar on stderr (a TTY only), the replicates in order (joblib's generator keeps it)
+    runs = list(tqdm(Parallel(n_jobs=args.jobs, return_as="generator")(
+        delayed(replicate)(k, n, args.confidence, looks, set(fixed)) for k in range(args.reps)),
+        total=args.reps, desc=f"replicates, pool of {n}", unit="replicate", disable=None))
     summary = {"pool_size": n, "reps": args.reps, "true_floor": floor, "fixed_looks": fixed, "by_confidence": {}}
     for c in args.confidence:
         b = summary["by_confidence"][str(c)] = summarise(runs, n, c, floor, fixed)
         print(f"pool {n}, confidence {c}: stop {b['stop_mean']} ({b['stop_min']}-{b['stop_max']}) calls, true floor "
               f"{floor}; stops stating less than the truth {b['share_of_stops_stating_less_than_the_truth']:.1%} "
-              f"(95 % interval {b['share_of_stops_stating_less_than_the_truth_95ci']}), with the true risk above "
+              f"(95 % interval {_percent(b['share_of_stops_stating_less_than_the_truth_95ci'])}), with the true risk above "
               f"{TARGET}: {b['share_of_stops_with_true_risk_above_target']:.1%}; stated {b['stated_sum']} / true "
               f"{b['true_sum']} summed over the stops; at fixed looks {b['fixed_look_share_stating_less_than_the_truth']}")
     out = summary | {"runs": [{str(c): v for c, v in r.items()} for r in runs]}
