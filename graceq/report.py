@@ -239,6 +239,48 @@ def _trend_line(store: CampaignStore, results: dict, settings) -> list[str]:
     return [line]
 
 
+#: significance at which `graceq status` calls the prospective errors' growth with the force-field
+#: height one (the likelihood-ratio test of ``graceq.convergence.height_growth``)
+HEIGHT_P = 0.01
+
+
+def height_line(view, settings) -> list[str]:
+    """`graceq status`'s line on whether the campaign's prospective errors grow with the force-field
+    height, which the default error law assumes they do not (``view``: a
+    :class:`graceq.campaign.CampaignView`); none under another law or rule, or with too few errors.
+    When they do (p < ``HEIGHT_P``), the stated risk may understate what is left among the high
+    structures, and the line names the law that lets the noise grow."""
+    from graceq.convergence import height_growth
+
+    c = settings.campaign
+    if c.stop_rule != "risk" or c.error_law != "spread_and_noise":
+        return []
+    growth = height_growth(*view.prospective_errors())
+    if growth is None:
+        return []
+    line = (f"errors     growth with the force-field height: likelihood ratio {growth.statistic:.1f} over "
+            f"{growth.n} prospective errors (p = {growth.p_value:.1e}; kappa {growth.kappa:.3f}, the noise "
+            f"per unit of height)")
+    if growth.p_value < HEIGHT_P:
+        line += ('; the default error law gives every structure the same noise, so the stated risk may '
+                 'understate the high structures left: error_law = "spread_noise_height" lets the noise '
+                 "grow with the height (benchmarks/README.md measures what it changes)")
+    return [line]
+
+
+def _campaign_view(store: CampaignStore, results: dict, settings):
+    """The campaign's :class:`graceq.campaign.CampaignView` from its store, as its coordinator builds
+    it (asynchronous decisions store their picks under their own number: lag 0)."""
+    from graceq.campaign import CampaignView, prospective_predictions
+
+    s = store.structures()
+    lag = 0 if settings.campaign.mode == "async" else 1
+    return CampaignView(n_atoms=s["n_atoms"], energy_ff=s["energy_ff"],
+                        atoms_per_molecule=int(store.get_meta("atoms_per_molecule")),
+                        picks=[idx for idx, _ in store.picks()], results=results,
+                        predictions=prospective_predictions(store.pick_table(), store.iterations(), lag=lag))
+
+
 def status_lines(root: str | Path) -> list[str]:
     """A short human summary of where a campaign stands (for `graceq status`)."""
     from graceq.jobs import in_flight_lines
@@ -281,6 +323,7 @@ def status_lines(root: str | Path) -> list[str]:
         lines.append(f"unique     {dups.n_window_unique} distinct crystals among the {dups.n_window} measured "
                      f"window structures ({dups.n_window - dups.n_window_unique} duplicates)")
         lines += _trend_line(store, results, settings)
+        lines += height_line(_campaign_view(store, results, settings), settings)
     else:
         lines.append("iteration  none finished yet")
     n_unstable = sum(1 for s, _ in results.values() if s == "unstable")

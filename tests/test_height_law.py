@@ -196,3 +196,47 @@ def test_a_campaign_fits_the_height_term_on_its_own_prospective_errors():
     share = {k: np.sum(p(law)[high]) / np.sum(p(law)) for k, law in (("height", ml_height), ("flat", ml_flat))}
     assert share["height"] > share["flat"]
     assert height.risk == pytest.approx(float(np.sum(p(stated(height)))), rel=1e-9)
+    # `graceq status` says so under the default law, and names the law that lets the noise grow
+    from graceq import report
+
+    settings.campaign.error_law = "spread_and_noise"
+    (line,) = report.height_line(view, settings)
+    growth = conv.height_growth(r, s, h)
+    assert growth.p_value < report.HEIGHT_P and f"likelihood ratio {growth.statistic:.1f} over 70" in line
+    assert 'error_law = "spread_noise_height"' in line
+    settings.campaign.error_law = "spread_noise_height"
+    assert report.height_line(view, settings) == []                        # already the law that grows
+
+
+@pytest.mark.parametrize("seed,kappa", [(5, 0.0), (6, 0.3), (7, 0.03)])
+def test_height_growth_is_the_likelihood_ratio_of_the_two_laws_at_their_maxima(seed, kappa):
+    """The slow, obvious reference: each law's maximum likelihood by Nelder-Mead from a grid of
+    starts on the direct formula (scipy.stats.t.logpdf); the statistic is twice their difference,
+    the p-value half the chi2_1 tail (kappa = 0 is the boundary of the height law's space)."""
+    r, s, h = _draw(seed, 120, kappa)
+    growth = conv.height_growth(r, s, h)
+
+    def maximum(with_kappa: bool) -> float:
+        def neg(x):
+            df = float(np.clip(np.exp(x[0]), 1.0, conv.DF_GRID[-1]))
+            law = conv.ErrorLaw(df=df, scale=float(np.exp(x[1])), n=len(r), noise=abs(float(x[2])),
+                                kappa=abs(float(x[3])) if with_kappa else 0.0)
+            return -_loglik(law, r, s, h)
+
+        best = -np.inf
+        for df in (2.0, 5.0, 30.0):
+            for noise in (0.3, 1.0, 3.0):
+                for k in ((0.0, 0.05, 0.2) if with_kappa else (0.0,)):
+                    fit = optimize.minimize(neg, [np.log(df), np.log(1.2), noise, k], method="Nelder-Mead",
+                                            options={"maxiter": 6000, "xatol": 1e-9, "fatol": 1e-11})
+                    best = max(best, -fit.fun)
+        return best
+
+    statistic = max(2.0 * (maximum(True) - maximum(False)), 0.0)
+    assert growth.n == 120
+    assert growth.statistic == pytest.approx(statistic, abs=2e-3)
+    assert growth.p_value == pytest.approx(0.5 * stats.chi2.sf(growth.statistic, 1), rel=1e-12)
+    if kappa >= 0.3:
+        assert growth.p_value < 1e-3 and growth.kappa > 0
+    assert conv.height_growth(r[:conv.MIN_PROSPECTIVE - 1], s[:19], h[:19]) is None
+    assert conv.height_growth(r, s, np.full(len(r), 3.0)) is None          # no spread in the heights
