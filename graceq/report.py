@@ -244,28 +244,28 @@ def _trend_line(store: CampaignStore, results: dict, settings) -> list[str]:
 HEIGHT_P = 0.01
 
 
-def height_line(view, settings) -> list[str]:
-    """`graceq status`'s line on whether the campaign's prospective errors grow with the force-field
-    height, which the default error law assumes they do not (``view``: a
-    :class:`graceq.campaign.CampaignView`); none under another law or rule, or with too few errors.
-    When they do (p < ``HEIGHT_P``), the stated risk may understate what is left among the high
-    structures, and the line names the law that lets the noise grow."""
+def height_sentence(view, settings) -> str | None:
+    """Whether the campaign's prospective errors grow with the force-field height, which the
+    default error law assumes they do not (``view``: a :class:`graceq.campaign.CampaignView`), in
+    one sentence for `graceq status` and the report; None under another law or rule, or with too
+    few errors. When they do (p < ``HEIGHT_P``), the stated risk may understate what is left among
+    the high structures, and the sentence names the law that lets the noise grow."""
     from graceq.convergence import height_growth
 
     c = settings.campaign
     if c.stop_rule != "risk" or c.error_law != "spread_and_noise":
-        return []
+        return None
     growth = height_growth(*view.prospective_errors())
     if growth is None:
-        return []
-    line = (f"errors     growth with the force-field height: likelihood ratio {growth.statistic:.1f} over "
-            f"{growth.n} prospective errors (p = {growth.p_value:.1e}; kappa {growth.kappa:.3f}, the noise "
-            f"per unit of height)")
+        return None
+    sentence = (f"growth with the force-field height: likelihood ratio {growth.statistic:.1f} over "
+                f"{growth.n} prospective errors (p = {growth.p_value:.1e}; kappa {growth.kappa:.3f}, the noise "
+                f"per unit of height)")
     if growth.p_value < HEIGHT_P:
-        line += ('; the default error law gives every structure the same noise, so the stated risk may '
-                 'understate the high structures left: error_law = "spread_noise_height" lets the noise '
-                 "grow with the height (benchmarks/README.md measures what it changes)")
-    return [line]
+        sentence += ('; the default error law gives every structure the same noise, so the stated risk may '
+                     'understate the high structures left: error_law = "spread_noise_height" lets the noise '
+                     "grow with the height (benchmarks/README.md measures what it changes)")
+    return sentence
 
 
 def _campaign_view(store: CampaignStore, results: dict, settings):
@@ -323,7 +323,8 @@ def status_lines(root: str | Path) -> list[str]:
         lines.append(f"unique     {dups.n_window_unique} distinct crystals among the {dups.n_window} measured "
                      f"window structures ({dups.n_window - dups.n_window_unique} duplicates)")
         lines += _trend_line(store, results, settings)
-        lines += height_line(_campaign_view(store, results, settings), settings)
+        if (sentence := height_sentence(_campaign_view(store, results, settings), settings)) is not None:
+            lines.append(f"errors     {sentence}")
     else:
         lines.append("iteration  none finished yet")
     n_unstable = sum(1 for s, _ in results.values() if s == "unstable")
@@ -996,7 +997,8 @@ def provenance_rows(root: str | Path) -> tuple[list[tuple[str, str]], str]:
     return rows, paths.settings.read_text() if paths.settings.exists() else ""
 
 
-def _html(rec: CampaignRecord, images: list[tuple[Path, str]], origin=None, duplicates=None) -> str:
+def _html(rec: CampaignRecord, images: list[tuple[Path, str]], origin=None, duplicates=None,
+          checks: tuple[tuple[str, str], ...] = ()) -> str:
     u = html.escape(rec.unit)
     last = rec.iterations[-1] if rec.iterations else {}
     n_calls = sum(1 for s, _ in rec.results.values() if s in (STABLE, "unstable", "failed"))
@@ -1011,6 +1013,7 @@ def _html(rec: CampaignRecord, images: list[tuple[Path, str]], origin=None, dupl
         ("window", f"{rec.window:g} {rec.unit} per molecule above the best"),
         ("best", f"{rec.best:.3f} {rec.unit} per molecule" if rec.best is not None else "-"),
     ]
+    facts += list(checks)
     if duplicates is not None:
         facts.append(("unique crystals", f"{duplicates.n_window_unique} of the {duplicates.n_window} measured window "
                                          f"structures ({duplicates.settings.describe()})"))
@@ -1062,6 +1065,13 @@ def write_report(root: str | Path) -> list[Path]:
     from graceq.polymorphs import campaign_duplicates
 
     duplicates = campaign_duplicates(paths.root, scope="window")
-    atomic_write_bytes(page, _html(rec, images, provenance_rows(paths.root), duplicates).encode())
+    store = CampaignStore(paths.root, readonly=True)
+    try:
+        settings = load_settings(paths.settings)
+        sentence = height_sentence(_campaign_view(store, store.results(), settings), settings)
+    finally:
+        store.close()
+    checks = () if sentence is None else (("errors and the force-field height", sentence),)
+    atomic_write_bytes(page, _html(rec, images, provenance_rows(paths.root), duplicates, checks).encode())
     page.chmod(0o644)  # a report is for sharing (the atomic write creates 0600 files)
     return [p for p, _ in images] + [page]

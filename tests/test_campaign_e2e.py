@@ -5,6 +5,7 @@ No eager mode anywhere: every task is a message consumed by a separate worker pr
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -158,6 +159,12 @@ def test_status_and_report_commands(embedded_run):
     assert f"{summary['iterations'][-1]['p_conv']:.4f}" in status
     report = run_cli("report", str(campaign)).stdout
     assert "structures.csv" in report and "summary.json" in report
+    # the default error law's assumption, tested on the campaign's own prospective errors
+    assert summary["iterations"][-1]["n_prospective"] >= 20
+    errors = next(line for line in status.splitlines() if line.startswith("errors "))
+    assert "growth with the force-field height: likelihood ratio" in errors, errors
+    page = (campaign / "report" / "report.html").read_text()
+    assert "errors and the force-field height" in page and html.escape(errors[len("errors"):].strip()) in page
 
 
 def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(embedded_run, roy_small, tmp_path):
