@@ -667,7 +667,8 @@ def height_growth(residual, spread, height) -> HeightGrowth | None:
     statistic is chi2_0 and chi2_1 with probability 1/2 each (Self and Liang, JASA 82:605, 1987): the
     p-value is half the chi2_1 tail. Both maxima are continuous (L-BFGS-B from their grids' best;
     the height law's also from the default law's maximum at kappa = 0, so the statistic is never
-    negative). None with fewer than ``MIN_PROSPECTIVE`` errors or no spread in the heights.
+    negative). None with fewer than ``MIN_PROSPECTIVE`` errors, no spread in the heights, or
+    every error exactly 0 (no law to fit).
     Its size, measured on errors drawn from the default law (t of 4 df, spread grown by 1.3, a
     noise of 0.6 spreads, gamma-distributed heights; 400 draws each, 2026-12-08): P(p < 0.05) =
     5.25 % with 60 errors and 5.5 % with 250, P(p < 0.01) = 1.5 % and 1.25 %. `graceq status` shows it.
@@ -677,7 +678,7 @@ def height_growth(residual, spread, height) -> HeightGrowth | None:
     h = np.asarray(height, dtype=np.float64).ravel()
     keep = np.isfinite(r) & np.isfinite(s) & (s > 0) & np.isfinite(h)
     r, s, h = r[keep], s[keep], h[keep]
-    if len(r) < MIN_PROSPECTIVE or not np.ptp(h) > 0:
+    if len(r) < MIN_PROSPECTIVE or not np.ptp(h) > 0 or not np.any(r != 0):
         return None
     flat, tall = _LawSpace(r, s), _LawSpace(r, s, h)
     laws = error_laws(r, s, 0.0)

@@ -240,3 +240,4 @@ def test_height_growth_is_the_likelihood_ratio_of_the_two_laws_at_their_maxima(s
         assert growth.p_value < 1e-3 and growth.kappa > 0
     assert conv.height_growth(r[:conv.MIN_PROSPECTIVE - 1], s[:19], h[:19]) is None
     assert conv.height_growth(r, s, np.full(len(r), 3.0)) is None          # no spread in the heights
+    assert conv.height_growth(np.zeros(len(r)), s, h) is None              # the predictions were the answers
