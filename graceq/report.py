@@ -362,6 +362,8 @@ class CampaignRecord:
     iterations: list                 # per-iteration stats, in order
     predictions: dict                # iteration -> dict(mu, sigma, ei, picks, pick_ei)
     known_form: np.ndarray | None = None  # label of an experimentally known form, "" for the others
+    mode: str = "batch"              # [campaign] mode: how the picks' predictions are keyed (lag)
+    error_law: str = "spread_and_noise"   # [campaign] error_law: the law the risk is stated in
 
     @property
     def best(self) -> float | None:
@@ -493,6 +495,7 @@ def load_record(root: str | Path) -> CampaignRecord:
         energy_ff=per_molecule(s["energy_ff"], s["n_atoms"], apm), energy_ref_pool=e_ref,
         status_pool=status, density=density, picks=picks, results=results, iterations=iterations,
         predictions=predictions, known_form=known_forms(paths, s["name"]),
+        mode=settings.campaign.mode, error_law=settings.campaign.error_law,
     )
 
 
@@ -897,6 +900,81 @@ def plot_learning_curve(rec: CampaignRecord, path: Path) -> Path:
     return _save(fig, path)
 
 
+def prospective_record(rec: CampaignRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The campaign's prospective errors (E_ref - mu, per molecule, each from the prediction made
+    before the structure was measured), their raw spreads and force-field heights, in sampling order."""
+    from graceq.campaign import prospective_predictions
+    from graceq.convergence import prospective_errors
+
+    predicted = prospective_predictions(rec.picks, rec.iterations, lag=0 if rec.mode == "async" else 1)
+    rows = [int(p[0]) for p in rec.picks if int(p[0]) in predicted and rec.results.get(int(p[0]), ("", None))[0] == STABLE
+            and rec.results[int(p[0])][1] is not None]
+    if not rows:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    mu, spread = np.array([predicted[i] for i in rows], dtype=float).T
+    height = rec.energy_ff - np.nanmin(rec.energy_ff)
+    return prospective_errors([rec.results[i][1] for i in rows], mu, spread, height[rows])
+
+
+def plot_error_law(rec: CampaignRecord, path: Path) -> Path:
+    """The evidence behind the stated risk: the prospective errors against the law it is stated in.
+
+    Left, a quantile-quantile plot: each error divided by its width under the law of the last
+    statement, ``sqrt((k s)^2 + noise^2 + (kappa h)^2)``, against the quantiles of that law's t
+    distribution (on the line: the law describes the errors; a missed window structure is a large
+    negative error, so the lower left is where the stop lives). Right, the errors against the
+    structures' force-field height, with the law's +/- 2 widths at the median spread, and the
+    likelihood-ratio test of a noise that grows with the height (``graceq.convergence.height_growth``).
+    """
+    from scipy import stats as sps
+
+    from graceq.campaign import IterationStats
+    from graceq.convergence import MIN_PROSPECTIVE, height_growth
+
+    title = "Prospective errors and the error law"
+    r, s, h = prospective_record(rec)
+    if not len(r):
+        return _no_data(path, title, "no structure measured after a prediction yet")
+    stated = [it for it in rec.iterations if IterationStats.from_json(it).error_law() is not None]
+    law = IterationStats.from_json(stated[-1]).error_law() if stated else None
+    u = rec.unit
+    fig, (left, right) = _figure(12.0, 5.5, ncols=2)
+    n = len(r)
+    p = (np.arange(1, n + 1) - 0.5) / n
+    if law is not None:
+        z = np.sort(r / law.scales(s, h if law.kappa > 0 else None))
+        q = sps.t.ppf(p, law.df)
+        name = f"t, {law.df:.3g} df"
+    else:
+        z = np.sort(r / np.std(r)) if np.std(r) > 0 else np.sort(r)
+        q = sps.norm.ppf(p)
+        name = f"normal (no law stated: fewer than {MIN_PROSPECTIVE} errors)"
+    left.scatter(q, z, s=14, c="tab:purple", edgecolors="k", lw=0.3, label=f"{n} prospective errors, standardised")
+    lim = float(max(np.abs(q).max(), np.abs(z).max())) * 1.05
+    left.plot([-lim, lim], [-lim, lim], "k--", lw=0.8, label="y = x: the law fits")
+    left.set_xlabel(f"quantile of the law ({name})")
+    left.set_ylabel("error / its width under the law")
+    left.set_title("quantiles of the errors against the stated law")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper left")
+    right.scatter(h, r, s=14, c="tab:blue", edgecolors="k", lw=0.3, label="prospective error")
+    right.axhline(0.0, color="k", lw=0.8)
+    if law is not None:
+        grid = np.linspace(0.0, float(h.max()) * 1.02 + 1e-12, 200)
+        width = law.scales(np.full(len(grid), np.median(s)), grid if law.kappa > 0 else None)
+        right.plot(grid, 2 * width, color="tab:red", lw=1.0, label="+/- 2 widths of the law (median spread)")
+        right.plot(grid, -2 * width, color="tab:red", lw=1.0)
+    growth = height_growth(r, s, h) if rec.error_law == "spread_and_noise" else None
+    right.set_title("errors against the force-field height" + (
+        f"\n(height test: likelihood ratio {growth.statistic:.1f}, p = {growth.p_value:.1e})"
+        if growth is not None else ""))
+    right.set_xlabel(f"force-field energy above the pool's lowest ({u} per molecule)")
+    right.set_ylabel(f"E_ref - prediction ({u} per molecule)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
+
+
 PLOTS = (
     ("landscape.png", plot_landscape, "Energy-density landscape of the measured structures"),
     ("convergence.png", plot_convergence, "stated risk, p_conv, residual and test RMSE per iteration"),
@@ -905,6 +983,7 @@ PLOTS = (
     ("learning_curve.png", plot_learning_curve, "Learning curve"),
     ("parity.png", plot_parity, "Force-field and predicted against reference energy"),
     ("rank.png", plot_rank, "Force-field rank against reference rank"),
+    ("error_law.png", plot_error_law, "Prospective errors against the law the risk is stated in"),
 )
 
 

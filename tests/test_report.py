@@ -399,3 +399,23 @@ def test_status_states_the_deltas_trend_with_the_force_field(campaign):
     r = float(line.split("r = ")[1].split()[0])
     assert r < -0.5, line
     assert "force_field_feature = true" in line
+
+
+def test_the_error_law_plot_reads_the_prospective_errors_the_campaign_fits(campaign):
+    """error_law.png's errors (from the report's record: picks, per-molecule results) are the
+    campaign's own prospective errors (from its store, as `graceq status` and the coordinator build
+    them): the same structures, errors, spreads and heights."""
+    rec = report.load_record(campaign)
+    settings = load_settings(campaign / "settings.toml")
+    from graceq.store import CampaignStore
+
+    store = CampaignStore(campaign, readonly=True)
+    try:
+        view = report._campaign_view(store, store.results(), settings)
+    finally:
+        store.close()
+    expected = view.prospective_errors()
+    got = report.prospective_record(rec)
+    assert len(got[0]) == len(expected[0]) > 0
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
