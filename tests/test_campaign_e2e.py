@@ -161,10 +161,14 @@ def test_status_and_report_commands(embedded_run):
     assert "structures.csv" in report and "summary.json" in report
     # the default error law's assumption, tested on the campaign's own prospective errors
     assert summary["iterations"][-1]["n_prospective"] >= 20
-    errors = next(line for line in status.splitlines() if line.startswith("errors "))
-    assert "growth with the force-field height: likelihood ratio" in errors, errors
+    errors = [line for line in status.splitlines() if line.startswith("errors ")]
+    assert len(errors) == 2, status
+    assert "growth with the force-field height: likelihood ratio" in errors[0]
+    assert "mean against the force-field height: Spearman's rho" in errors[1]
     page = (campaign / "report" / "report.html").read_text()
-    assert "errors and the force-field height" in page and html.escape(errors[len("errors"):].strip()) in page
+    assert "errors&#x27; width and the force-field height" in page and "errors&#x27; mean" in page
+    for line in errors:
+        assert html.escape(line[len("errors"):].strip()) in page
 
 
 def test_a_stop_can_be_lifted_and_the_campaign_goes_on_with_the_same_decisions(embedded_run, roy_small, tmp_path):

@@ -419,3 +419,39 @@ def test_the_error_law_plot_reads_the_prospective_errors_the_campaign_fits(campa
     assert len(got[0]) == len(expected[0]) > 0
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_trend_sentence_is_spearmans_rho_of_the_errors_against_the_height():
+    """Checked against the direct formula (Pearson's r of the ranks); errors that fall with the
+    height are called so and name force_field_feature, errors that rise are the safe side, and none
+    is said without the risk rule or with fewer than MIN_PROSPECTIVE errors."""
+    from scipy import stats
+
+    from graceq.campaign import CampaignView
+    from graceq.config import settings_from_dict
+    from graceq.convergence import MIN_PROSPECTIVE
+
+    rng = np.random.default_rng(3)
+    n = 80
+    e_ff = rng.uniform(0.0, 40.0, n)
+    mu = e_ff + rng.normal(0.0, 1.0, n)
+    for slope, words in ((-0.4, "fall with the height"), (0.4, "rise with the height")):
+        e_ref = mu + slope * e_ff + rng.normal(0.0, 2.0, n)
+        view = CampaignView(n_atoms=np.ones(n, dtype=int), energy_ff=e_ff, atoms_per_molecule=1,
+                            picks=list(range(n)), results={i: ("converged", float(e_ref[i])) for i in range(n)},
+                            predictions={i: (float(mu[i]), 1.0) for i in range(20, n)})
+        settings = settings_from_dict({"campaign": {"pool": "x", "window": 5.0}})
+        sentence = report.trend_sentence(view, settings)
+        r, h = e_ref[20:] - mu[20:], e_ff[20:] - e_ff.min()
+        rho = np.corrcoef(stats.rankdata(h), stats.rankdata(r))[0, 1]
+        assert f"Spearman's rho {rho:+.2f} over {n - 20} prospective errors" in sentence
+        assert words in sentence
+        assert ("force_field_feature = true" in sentence) == (slope < 0)
+        settings.model.force_field_feature = True
+        assert "E_ff among its inputs" in report.trend_sentence(view, settings) or slope > 0
+        settings.campaign.stop_rule = "p_conv"
+        assert report.trend_sentence(view, settings) is None
+    few = CampaignView(n_atoms=np.ones(n, dtype=int), energy_ff=e_ff, atoms_per_molecule=1, picks=list(range(n)),
+                       results={i: ("converged", float(e_ref[i])) for i in range(n)},
+                       predictions={i: (float(mu[i]), 1.0) for i in range(MIN_PROSPECTIVE - 1)})
+    assert report.trend_sentence(few, settings_from_dict({"campaign": {"pool": "x", "window": 5.0}})) is None
