@@ -687,6 +687,14 @@ def height_growth(residual, spread, height) -> HeightGrowth | None:
     r, s, h = r[keep], s[keep], h[keep]
     if len(r) < MIN_PROSPECTIVE or not np.ptp(h) > 0 or not np.any(r != 0):
         return None
+    return _height_growth(r.tobytes(), s.tobytes(), h.tobytes())
+
+
+@functools.lru_cache(maxsize=4)
+def _height_growth(residual: bytes, spread: bytes, height: bytes) -> HeightGrowth:
+    """:func:`height_growth` on checked float64 arrays (as bytes), kept for the next call on the same
+    errors (`graceq report` states it in its facts and draws it in error_law.png)."""
+    r, s, h = (np.frombuffer(v, dtype=np.float64) for v in (residual, spread, height))
     flat, tall = _LawSpace(r, s), _LawSpace(r, s, h)
     laws = error_laws(r, s, 0.0)
     x0 = flat.maximum(laws, flat.bounds(flat.point(laws[0])))
@@ -745,13 +753,11 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
     if best is None or len(mu) == 0 or not np.isfinite(risk) or risk <= 0:
         return risk, best
     space = _LawSpace(*errors, noise=noise)
-    unit, h_unit, with_noise, with_kappa = space.unit, space.h_unit, space.with_noise, space.with_kappa
-    law_of, loglik = space.law, space.loglik
     hu = np.zeros(len(mu)) if height is None else np.asarray(height, dtype=np.float64).ravel()
     start = space.point(best)
     bounds = space.bounds(start)
     top = space.maximum(laws, bounds)
-    cut = loglik(top) - stats.chi2.ppf(confidence, 1) / 2.0
+    cut = space.loglik(top) - stats.chi2.ppf(confidence, 1) / 2.0
     # the search's sample: every k-th structure by the largest law's probability, weight k (on a
     # large pool, by the heaviest law's: the sample the path was ranked on)
     if sample is None:
@@ -762,7 +768,7 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
         """-log of the sample's risk and its gradient: analytic in the scale, the noise and kappa
         (through the t density), a forward difference in log df (one more cdf of the sample), where
         SLSQP's own differences cost a cdf per parameter."""
-        law = law_of(x)
+        law = space.law(x)
         z, w = law.gaps(threshold, mu_s, sp_s, h_s)
         total = float(np.sum(special.stdtr(law.df, z)))
         if not total > 0:
@@ -775,29 +781,29 @@ def region_expected_missed(mu, spread, threshold: float, laws, errors, confidenc
         # eps unit (noise, in units of `unit`), kappa h^2 unit / h_unit (kappa, the same)
         dz = -np.exp(_t_logpdf(zf, law.df, 0.0)) * zf / wf ** 2
         grad.append(-float(np.sum(dz * (law.scale * sp_s[finite]) ** 2)))
-        if with_noise:
-            grad.append(-float(np.sum(dz)) * law.noise * unit)
-        if with_kappa:
-            grad.append(-float(np.sum(dz * h_s[finite] ** 2)) * law.kappa * unit / h_unit)
+        if space.with_noise:
+            grad.append(-float(np.sum(dz)) * law.noise * space.unit)
+        if space.with_kappa:
+            grad.append(-float(np.sum(dz * h_s[finite] ** 2)) * law.kappa * space.unit / space.h_unit)
         return -np.log(max(weight * total, 1e-300)), np.asarray(grad) / total
 
-    if loglik(start) < cut:              # the set's largest law is outside the region: start at its top
+    if space.loglik(start) < cut:        # the set's largest law is outside the region: start at its top
         start = top
     try:
         found = optimize.minimize(neg_log_risk, start, jac=True, method="SLSQP", bounds=bounds,
-                                  constraints=[{"type": "ineq", "fun": lambda x: loglik(x) - cut}],
+                                  constraints=[{"type": "ineq", "fun": lambda x: space.loglik(x) - cut}],
                                   options={"maxiter": 100, "ftol": 1e-8}).x
     except (ValueError, FloatingPointError):
         return risk, best
     if not np.all(np.isfinite(found)):
         return risk, best
-    if loglik(found) < cut:              # SLSQP stops at the constraint to its tolerance: pull back inside
+    if space.loglik(found) < cut:        # SLSQP stops at the constraint to its tolerance: pull back inside
         lo, hi = 0.0, 1.0
         for _ in range(50):
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if loglik(start + mid * (found - start)) >= cut else (lo, mid)
+            lo, hi = (mid, hi) if space.loglik(start + mid * (found - start)) >= cut else (lo, mid)
         found = start + lo * (found - start)
-    law = law_of(found)
+    law = space.law(found)
     value = float(np.sum(law.p_below(threshold, mu, spread, hu)))
     return (value, law) if value > risk else (risk, best)
 

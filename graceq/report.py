@@ -244,18 +244,18 @@ def _trend_line(store: CampaignStore, results: dict, settings) -> list[str]:
 HEIGHT_P = 0.01
 
 
-def height_sentence(view, settings) -> str | None:
+def height_sentence(errors, settings) -> str | None:
     """Whether the campaign's prospective errors grow with the force-field height, which the
-    default error law assumes they do not (``view``: a :class:`graceq.campaign.CampaignView`), in
-    one sentence for `graceq status` and the report; None under another law or rule, or with too
-    few errors. When they do (p < ``HEIGHT_P``), the stated risk may understate what is left among
+    default error law assumes they do not (``errors``: ``(residual, spread, height)`` as
+    :meth:`graceq.campaign.CampaignView.prospective_errors` gives them), in one sentence for
+    `graceq status` and the report; None under another law or rule, or with too few errors. When they do (p < ``HEIGHT_P``), the stated risk may understate what is left among
     the high structures, and the sentence names the law that lets the noise grow."""
     from graceq.convergence import height_growth
 
     c = settings.campaign
     if c.stop_rule != "risk" or c.error_law != "spread_and_noise":
         return None
-    growth = height_growth(*view.prospective_errors())
+    growth = height_growth(*errors)
     if growth is None:
         return None
     sentence = (f"growth with the force-field height: likelihood ratio {growth.statistic:.1f} over "
@@ -268,9 +268,9 @@ def height_sentence(view, settings) -> str | None:
     return sentence
 
 
-def trend_sentence(view, settings) -> str | None:
-    """Whether the mean of the campaign's prospective errors changes with the force-field height,
-    in one sentence (Spearman's rank correlation of the errors with the heights, its two-sided
+def trend_sentence(errors, settings) -> str | None:
+    """Whether the mean of the campaign's prospective errors (``errors`` as for
+    :func:`height_sentence`) changes with the force-field height, in one sentence (Spearman's rank correlation of the errors with the heights, its two-sided
     p-value; rank-based, so the errors' heavy tails do not drive it); None without the risk rule or
     with too few errors.
 
@@ -288,7 +288,7 @@ def trend_sentence(view, settings) -> str | None:
 
     if settings.campaign.stop_rule != "risk":
         return None
-    r, _, h = view.prospective_errors()
+    r, _, h = errors
     if len(r) < MIN_PROSPECTIVE or not np.ptp(h) > 0 or not np.ptp(r) > 0:
         return None
     rho, p = sps.spearmanr(h, r)
@@ -359,9 +359,9 @@ def status_lines(root: str | Path) -> list[str]:
         lines.append(f"unique     {dups.n_window_unique} distinct crystals among the {dups.n_window} measured "
                      f"window structures ({dups.n_window - dups.n_window_unique} duplicates)")
         lines += _trend_line(store, results, settings)
-        view = _campaign_view(store, results, settings)
-        lines += [f"errors     {sentence}" for sentence in (height_sentence(view, settings),
-                                                            trend_sentence(view, settings)) if sentence]
+        errors = _campaign_view(store, results, settings).prospective_errors()
+        lines += [f"errors     {sentence}" for sentence in (height_sentence(errors, settings),
+                                                            trend_sentence(errors, settings)) if sentence]
     else:
         lines.append("iteration  none finished yet")
     n_unstable = sum(1 for s, _ in results.values() if s == "unstable")
@@ -1181,14 +1181,10 @@ def write_report(root: str | Path) -> list[Path]:
     from graceq.polymorphs import campaign_duplicates
 
     duplicates = campaign_duplicates(paths.root, scope="window")
-    store = CampaignStore(paths.root, readonly=True)
-    try:
-        settings = load_settings(paths.settings)
-        view = _campaign_view(store, store.results(), settings)
-        sentences = (("errors' width and the force-field height", height_sentence(view, settings)),
-                     ("errors' mean and the force-field height", trend_sentence(view, settings)))
-    finally:
-        store.close()
+    # the record already holds the prospective errors (error_law.png reads them): no second pass over the store
+    settings, errors = load_settings(paths.settings), prospective_record(rec)
+    sentences = (("errors' width and the force-field height", height_sentence(errors, settings)),
+                 ("errors' mean and the force-field height", trend_sentence(errors, settings)))
     checks = tuple((k, v) for k, v in sentences if v)
     atomic_write_bytes(page, _html(rec, images, provenance_rows(paths.root), duplicates, checks).encode())
     page.chmod(0o644)  # a report is for sharing (the atomic write creates 0600 files)

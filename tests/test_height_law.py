@@ -200,12 +200,12 @@ def test_a_campaign_fits_the_height_term_on_its_own_prospective_errors():
     from graceq import report
 
     settings.campaign.error_law = "spread_and_noise"
-    line = report.height_sentence(view, settings)
+    line = report.height_sentence(view.prospective_errors(), settings)
     growth = conv.height_growth(r, s, h)
     assert growth.p_value < report.HEIGHT_P and f"likelihood ratio {growth.statistic:.1f} over 70" in line
     assert 'error_law = "spread_noise_height"' in line
     settings.campaign.error_law = "spread_noise_height"
-    assert report.height_sentence(view, settings) is None                  # already the law that grows
+    assert report.height_sentence(view.prospective_errors(), settings) is None  # already the law that grows
 
 
 @pytest.mark.parametrize("seed,kappa", [(5, 0.0), (6, 0.3), (7, 0.03)])

@@ -441,17 +441,17 @@ def test_the_trend_sentence_is_spearmans_rho_of_the_errors_against_the_height():
                             picks=list(range(n)), results={i: ("converged", float(e_ref[i])) for i in range(n)},
                             predictions={i: (float(mu[i]), 1.0) for i in range(20, n)})
         settings = settings_from_dict({"campaign": {"pool": "x", "window": 5.0}})
-        sentence = report.trend_sentence(view, settings)
+        sentence = report.trend_sentence(view.prospective_errors(), settings)
         r, h = e_ref[20:] - mu[20:], e_ff[20:] - e_ff.min()
         rho = np.corrcoef(stats.rankdata(h), stats.rankdata(r))[0, 1]
         assert f"Spearman's rho {rho:+.2f} over {n - 20} prospective errors" in sentence
         assert words in sentence
         assert ("force_field_feature = true" in sentence) == (slope < 0)
         settings.model.force_field_feature = True
-        assert "E_ff among its inputs" in report.trend_sentence(view, settings) or slope > 0
+        assert "E_ff among its inputs" in report.trend_sentence(view.prospective_errors(), settings) or slope > 0
         settings.campaign.stop_rule = "p_conv"
-        assert report.trend_sentence(view, settings) is None
+        assert report.trend_sentence(view.prospective_errors(), settings) is None
     few = CampaignView(n_atoms=np.ones(n, dtype=int), energy_ff=e_ff, atoms_per_molecule=1, picks=list(range(n)),
                        results={i: ("converged", float(e_ref[i])) for i in range(n)},
                        predictions={i: (float(mu[i]), 1.0) for i in range(MIN_PROSPECTIVE - 1)})
-    assert report.trend_sentence(few, settings_from_dict({"campaign": {"pool": "x", "window": 5.0}})) is None
+    assert report.trend_sentence(few.prospective_errors(), settings_from_dict({"campaign": {"pool": "x", "window": 5.0}})) is None
